@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in before everything else, or open_clip pulls a different build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/align-gen train configs/tiny/ddpo_tiny_compressibility.yaml
+
+test: install
+	$(PY) -m pytest -q -x --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check align_gen reward_models pipelines tests benchmarks
+
+bench: install
+	$(PY) benchmarks/sampling_overhead.py
+	$(PY) benchmarks/ddpo_update.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

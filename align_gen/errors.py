@@ -1,0 +1,22 @@
+"""Errors a user can act on. The CLI prints them as one line and exits non-zero.
+
+Raise these (never a bare assert or a library traceback) for bad input: a config key that does
+not exist, a value of the wrong type, a missing file or weight, a reward that returns NaN.
+Each message says what was wrong, what is valid, and what to do.
+"""
+
+
+class AlignGenError(Exception):
+    """Base class of the errors caused by the user's input or environment."""
+
+
+class ConfigError(AlignGenError, ValueError):
+    """A config key is unknown, or a value has the wrong type or is out of range."""
+
+
+class MissingWeightsError(AlignGenError, FileNotFoundError):
+    """A model's weights are not available locally (and the hub is unreachable)."""
+
+
+class RewardError(AlignGenError, RuntimeError):
+    """A reward is unknown, failed, or returned a non-finite value."""

@@ -1,0 +1,82 @@
+"""The Policy protocol: the one likelihood interface every objective is written against.
+
+A policy wraps a generative model (a Stable Diffusion UNet, a flow-matching transformer, a
+vision-language model) and exposes exactly what RL objectives need: draw samples while
+recording the log-likelihood of every step, re-score stored steps under the current weights
+through the same code, compute the model's pre-training loss on clean samples, and evaluate the
+frozen reference model. DDPO, REBEL, AWM and SePPO use nothing else, which is why each of them
+runs on every model family without per-pair code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from align_gen.types import Rollout
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What an objective may ask of a generative model."""
+
+    device: torch.device
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        generator: torch.Generator | None = None,
+        images: torch.Tensor | None = None,
+    ) -> Rollout:
+        """Runs the stochastic sampler without grad and records trajectory and log-probs.
+
+        Args:
+            prompts: B text prompts.
+            generator: makes the sample reproducible.
+            images: (B, 3, H, W) in [0, 1], the input images of a VLM; None for text-to-image.
+        """
+        ...
+
+    def step_log_prob(self, rollout: Rollout, steps: torch.Tensor) -> torch.Tensor:
+        """Re-scores stored transitions under the current weights, WITH grad.
+
+        Args:
+            rollout: samples from :meth:`sample` (possibly a minibatch of them).
+            steps: (k,) step indices shared by the batch, or (B, k) per sample.
+
+        Returns:
+            (B, k) float32 log-probs, computed by the same code as at sampling time, so an
+            un-updated policy reproduces ``rollout.log_probs`` at those steps.
+        """
+        ...
+
+    def matching_loss(
+        self,
+        rollout: Rollout,
+        *,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B,) the pre-training loss on the clean samples ``rollout.final_samples``, WITH grad.
+
+        Diffusion: the epsilon / v / flow-matching MSE at noise level ``t`` (B,) with ``noise``
+        (drawn when None); VLM: the answer's token NLL.
+        """
+        ...
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Inside this context every forward pass uses the frozen reference weights."""
+        ...
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters the optimizer updates (LoRA adapters or the full denoiser)."""
+        ...
+
+    def save(self, path: str | Path) -> None:
+        """Writes the trained weights in the format the underlying library loads."""
+        ...

@@ -1,0 +1,132 @@
+"""Data passed between the policy, the rewards, the advantages and the objectives.
+
+Every tensor field states its shape. ``B`` is the batch, ``T`` the number of recorded steps
+(denoising steps for diffusion, generated tokens for a VLM), ``C, h, w`` the latent shape and
+``H, W`` the image size. Tensors on a rollout live on CPU or on the policy's device; the
+helpers below never move them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Applies ``fn`` to every tensor inside ``value`` (tensors, dicts, lists); keeps the rest."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, fn) for key, item in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], Tensor):
+        return [fn(item) for item in value]
+    return value
+
+
+@dataclasses.dataclass
+class Rollout:
+    """A batch of samples drawn by a policy, with everything needed to re-score them.
+
+    Attributes:
+        prompts: the B text prompts.
+        trajectory: (B, T+1, C, h, w) the latents x_T .. x_0 visited by the sampler (diffusion);
+            x_0 is ``trajectory[:, -1]``. For a VLM: (B, L) prompt+answer token ids.
+        timesteps: (B, T) the scheduler timestep of each recorded transition, in sampling order.
+        log_probs: (B, T) float32 log pi_old(x_{t-1} | x_t, c) of each transition, as recorded
+            at sampling time (per-element mean for diffusion, per token for a VLM).
+        step_mask: (B, T) bool, True where a step is a trainable transition (padding tokens and
+            excluded steps are False).
+        conditioning: tensors the denoiser needs for these prompts, batch first, e.g.
+            ``{"prompt_embeds": (B, L, D), "negative_prompt_embeds": (B, L, D)}``.
+        images: (B, 3, H, W) float32 in [0, 1]: the decoded samples (diffusion) or the input
+            images (VLM).
+        texts: the generated answers (VLM) or None.
+        rewards: (B,) float32, filled in by the trainer after scoring.
+        advantages: (B,) float32, filled in by the trainer after normalisation.
+    """
+
+    prompts: list[str]
+    trajectory: Tensor
+    timesteps: Tensor
+    log_probs: Tensor
+    step_mask: Tensor
+    conditioning: dict[str, Tensor]
+    images: Tensor
+    texts: list[str] | None = None
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of recorded transitions."""
+        return self.log_probs.shape[1]
+
+    @property
+    def final_samples(self) -> Tensor:
+        """(B, C, h, w) the clean samples x_0 (the last trajectory entry)."""
+        return self.trajectory[:, -1]
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
+        """A new rollout with ``fn`` applied to every batch-first tensor."""
+        fields = {f.name: _map_tensors(getattr(self, f.name), fn) for f in dataclasses.fields(self)}
+        return Rollout(**fields)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return self.map_tensors(lambda tensor: tensor.to(device))
+
+    def select(self, index: Tensor | Sequence[int]) -> Rollout:
+        """The rollout restricted to the samples ``index`` (a 1-D index tensor or list)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        fields = {
+            f.name: _map_tensors(getattr(self, f.name), lambda tensor: tensor[index.to(tensor.device)])
+            for f in dataclasses.fields(self)
+        }
+        positions = index.tolist()
+        fields["prompts"] = [self.prompts[i] for i in positions]
+        if self.texts is not None:
+            fields["texts"] = [self.texts[i] for i in positions]
+        return Rollout(**fields)
+
+    @staticmethod
+    def concatenate(rollouts: Sequence[Rollout]) -> Rollout:
+        """Concatenates rollouts along the batch dimension."""
+        if not rollouts:
+            raise ValueError("Rollout.concatenate needs at least one rollout.")
+        first = rollouts[0]
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(first):
+            values = [getattr(r, f.name) for r in rollouts]
+            if values[0] is None:
+                fields[f.name] = None
+            elif isinstance(values[0], Tensor):
+                fields[f.name] = torch.cat(values)
+            elif isinstance(values[0], dict):
+                fields[f.name] = {key: torch.cat([v[key] for v in values]) for key in values[0]}
+            else:
+                fields[f.name] = [item for value in values for item in value]
+        return Rollout(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOutput:
+    """One backward-able piece of an objective's loss, with detached statistics.
+
+    An objective yields one or more of these per minibatch (for example one per denoising
+    step) so that the activations of only one piece are alive at a time; the gradient of the
+    objective is the sum of the pieces' gradients.
+
+    Attributes:
+        loss: scalar tensor WITH grad.
+        metrics: detached float statistics of this piece (averaged over pieces by the trainer).
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
