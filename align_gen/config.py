@@ -1,0 +1,317 @@
+"""Typed run configuration: dataclasses, read from YAML, with ``key.sub=value`` overrides.
+
+One dataclass per concern, every field documented with its unit and where its default comes
+from. Unknown keys and badly typed values raise :class:`ConfigError` naming the key and the
+valid choices. The objective's own section is typed by the objective's config class, looked up
+in the objective registry by ``objective.name``, so a new objective brings its own knobs without
+touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align_gen.errors import ConfigError
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters on the denoiser (peft). ``enabled: false`` fine-tunes all its weights."""
+
+    enabled: bool = True
+    rank: int = 4  # DDPO anchor: 4
+    alpha: float = 4.0  # scale = alpha / rank; the anchor uses alpha == rank
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )  # attention projections of diffusers' UNet / transformer blocks
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to hold it in memory."""
+
+    pretrained: str = "align-gen:tiny-random-sd"  # hub id, local folder, or an align-gen:NAME built-in
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    variant: str | None = None  # weight file variant on the hub, e.g. "fp16"
+    dtype: Dtype = "float32"  # dtype of the frozen weights; trainable weights stay float32
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the `gpu` extra and CUDA
+    gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """The stochastic sampler that produces training rollouts."""
+
+    num_steps: int = 50  # denoising steps (DDPO anchor: 50)
+    eta: float = 1.0  # DDIM stochasticity; must be > 0 for log-probs (anchor: 1.0)
+    guidance_scale: float = 5.0  # classifier-free guidance; 1 disables it (anchor: 5.0)
+    batch_size: int = 8  # rollouts per forward pass, per process
+    num_batches_per_epoch: int = 4  # rollout batches per epoch, per process
+    samples_per_prompt: int = 1  # >1 draws groups of the same prompt (REBEL pairs, AWM groups)
+    resolution: int | None = None  # image side in pixels; None = the model's native size
+    negative_prompt: str = ""  # the unconditional branch of CFG
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimiser and the update schedule."""
+
+    learning_rate: float = 3e-4  # AdamW (anchor: 3e-4 with LoRA)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4  # anchor: 1e-4
+    adam_epsilon: float = 1e-8
+    batch_size: int | None = None  # samples per minibatch; None = sample.batch_size (see below)
+    gradient_accumulation_steps: int = 1  # minibatches per optimizer step
+    inner_epochs: int = 1  # passes over each epoch's rollouts
+    max_grad_norm: float = 1.0  # anchor: 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast mode
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """What is optimised: a weighted sum of registered rewards (see reward_models)."""
+
+    weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"jpeg_compressibility": 1.0}
+    )
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per reward
+
+
+@dataclasses.dataclass
+class AdvantageConfig:
+    """How rewards become advantages (see align_gen.advantages)."""
+
+    kind: Literal["per_prompt", "batch", "group"] = "per_prompt"
+    buffer_size: int = 32  # per-prompt running buffer (anchor: 32)
+    min_count: int = 16  # below this many rewards for a prompt, use batch statistics (anchor: 16)
+    clip: float = 5.0  # advantages are clipped to +-clip
+
+
+@dataclasses.dataclass
+class PromptConfig:
+    """Where training prompts come from."""
+
+    source: str = "builtin:simple_animals"  # builtin:NAME, a .txt file (one per line) or .jsonl
+
+
+@dataclasses.dataclass
+class GridConfig:
+    """A labelled grid of fixed prompts and seeds, rendered every ``every`` epochs."""
+
+    prompts: list[str] = dataclasses.field(default_factory=list)  # empty = first prompts of source
+    num_prompts: int = 4  # used when ``prompts`` is empty
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+    every: int = 10  # epochs; 0 disables periodic grids (the first and last are always drawn)
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """Base of every objective's config; ``name`` selects the objective."""
+
+    name: str = "ddpo"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole training run."""
+
+    seed: int = 42  # every random draw of epoch e on process p derives from (seed, e, p)
+    output_dir: str = "outputs/run"
+    epochs: int = 100  # sampling epochs
+    save_every: int = 10  # epochs between checkpoints; the last epoch is always saved
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    resume: str | None = None  # "latest", a checkpoint folder, or None
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ["epochs", "save_every", "keep_checkpoints"])
+        _check_positive(self.sample, ["num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt"], "sample")
+        _check_positive(self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm"], "train")
+        if self.sample.batch_size % self.sample.samples_per_prompt:
+            raise ConfigError(
+                f"sample.batch_size ({self.sample.batch_size}) must be a multiple of "
+                f"sample.samples_per_prompt ({self.sample.samples_per_prompt})."
+            )
+        if self.train.batch_size is None:
+            self.train.batch_size = self.sample.batch_size
+        total = self.sample.batch_size * self.sample.num_batches_per_epoch
+        if self.train.batch_size <= 0 or total % self.train.batch_size:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) must divide the rollouts per epoch "
+                f"per process (sample.batch_size x sample.num_batches_per_epoch = {total})."
+            )
+
+
+def _check_positive(section: Any, names: list[str], prefix: str = "") -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{key} must be > 0, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Reads a YAML file (or only defaults when ``path`` is None) and applies overrides.
+
+    Args:
+        path: a YAML file whose keys mirror :class:`RunConfig`.
+        overrides: ``key.sub=value`` strings; values are parsed as YAML (``lr=1e-4``,
+            ``model.lora.enabled=false``, ``grid.seeds=[0,1,2]``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}.")
+    for override in overrides or []:
+        apply_override(data, override)
+    return from_dict(RunConfig, data)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Sets ``data[a][b] = value`` for an override ``a.b=value`` (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key.sub=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def to_dict(config: Any) -> Any:
+    """The config as plain YAML-able data (inverse of :func:`from_dict`)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type, data: Any, key: str = "") -> Any:
+    """Builds dataclass ``cls`` from nested dicts, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'} must be a mapping, got {data!r}.")
+    if cls is ObjectiveConfig or (isinstance(cls, type) and issubclass(cls, ObjectiveConfig)):
+        cls = _objective_config_class(data, key)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{key}.{name}" if key else str(name)
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(path, name, list(fields)))
+        kwargs[name] = _convert(hints[name], value, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key or 'config'}: {error}") from None
+
+
+def _objective_config_class(data: dict[str, Any], key: str) -> type:
+    # Imported here: the registry imports objective modules, which import this module.
+    from align_gen.objectives import objective_config_class
+
+    name = data.get("name", ObjectiveConfig.name)
+    return objective_config_class(str(name), key=f"{key}.name" if key else "name")
+
+
+def _unknown_key_message(path: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(sorted(valid))}."
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}; got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}.")
+        return [_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}.")
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    return _convert_scalar(hint, value, path)
+
+
+def _convert_scalar(hint: type, value: Any, path: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{path}: unsupported config type {hint!r}.")
+    raise ConfigError(f"{path} must be of type {hint.__name__}, got {value!r} ({type(value).__name__}).")

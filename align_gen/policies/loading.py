@@ -1,0 +1,186 @@
+"""Loading diffusion pipelines: hub ids, local folders, and align-gen's built-in tiny models.
+
+``align-gen:tiny-random-sd`` is a Stable-Diffusion-architecture pipeline (CLIP text encoder,
+AutoencoderKL, UNet2DConditionModel, DDIM scheduler) of about 1M parameters with random
+weights, built deterministically from a seed and with no download. Tests, CI and the offline
+demo use it: every code path is the one a real SD1.5 checkpoint takes, only smaller. Its
+tokenizer is a transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships,
+so it produces the same ids as the real SD tokenizer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from align_gen.errors import MissingWeightsError
+
+BUILTIN_PREFIX = "align-gen:"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_files() -> tuple[str, str]:
+    """Writes vocab.json / merges.txt of the CLIP BPE (from open_clip's copy) once per process."""
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merge_pairs = [tuple(line.split()) for line in merges]
+    # The CLIP vocabulary: 256 byte symbols, the same with an end-of-word marker, the merges,
+    # then the two special tokens (ids 49406 and 49407 in the real tokenizer).
+    byte_symbols = list(_bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(p) for p in merge_pairs]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(tempfile.mkdtemp(prefix="align_gen_clip_tokenizer_"))
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merge_pairs))
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable character map used by GPT-2/CLIP BPE vocabularies."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def build_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_tokenizer_files()
+    return CLIPTokenizer(vocab, merges, model_max_length=77)
+
+
+def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
+    """A random tiny SD pipeline: 64 px images, 32x32x4 latents, ~1M parameters."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        # Cross-attention only at the lowest resolution keeps attention cheap on a CPU.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+BUILTIN_MODELS = {"tiny-random-sd": build_tiny_random_sd}
+
+
+def load_sd_pipeline(
+    pretrained: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """A StableDiffusionPipeline from a built-in name, a local folder or a hub id.
+
+    Raises:
+        MissingWeightsError: the folder does not exist, or the hub id is not cached and the
+            hub cannot be reached; the message names what to provide.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if pretrained.startswith(BUILTIN_PREFIX):
+        name = pretrained[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise MissingWeightsError(
+                f"unknown built-in model {pretrained!r}; built-ins: "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+            )
+        return BUILTIN_MODELS[name]().to(dtype=dtype)
+    looks_local = pretrained.startswith((".", "/", "~")) or os.path.sep in pretrained.rstrip("/").split("/", 1)[-1]
+    if looks_local and not Path(pretrained).expanduser().is_dir():
+        raise MissingWeightsError(f"model folder not found: {pretrained}")
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            pretrained,
+            revision=revision,
+            variant=variant,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "it could not be loaded"
+        raise MissingWeightsError(
+            f"cannot load the diffusion model {pretrained!r}: {where}. Provide a local diffusers "
+            f"folder (model.pretrained=/path/to/model) or download it once with "
+            f"`huggingface-cli download {pretrained}`. ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from None

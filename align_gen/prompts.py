@@ -1,0 +1,57 @@
+"""Prompt sources and the seeded prompt sampler of a training run.
+
+A source is ``builtin:NAME`` (a list shipped in align_gen/data/prompts), a ``.txt`` file with one
+prompt per line, or a ``.jsonl`` file whose lines hold a ``"prompt"`` field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align_gen.errors import ConfigError
+
+BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
+
+
+def builtin_prompt_lists() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.txt"))
+
+
+def load_prompts(source: str) -> list[str]:
+    """The prompts of ``source``; errors name the problem (missing file, empty list, bad line)."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        path = BUILTIN_DIR / f"{name}.txt"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown built-in prompt list {name!r}; built-ins: {', '.join(builtin_prompt_lists())}."
+            )
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompts file not found: {source}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f'{path}:{number}: expected a JSON object with a "prompt" field.') from None
+    else:
+        prompts = lines
+    if not prompts:
+        raise ConfigError(f"the prompt list {source} is empty.")
+    return prompts
+
+
+def sample_prompts(
+    prompts: list[str], batch_size: int, samples_per_prompt: int, generator: torch.Generator
+) -> list[str]:
+    """``batch_size`` prompts: batch_size / samples_per_prompt draws (with replacement), each
+    repeated samples_per_prompt times consecutively (the groups REBEL and AWM compare)."""
+    draws = torch.randint(len(prompts), (batch_size // samples_per_prompt,), generator=generator)
+    return [prompts[i] for i in draws.tolist() for _ in range(samples_per_prompt)]

@@ -1,0 +1,275 @@
+"""The one training loop: rollout -> reward -> advantage -> update -> log / save.
+
+Every objective and every policy goes through :func:`train`; what differs between methods lives
+in the objective's ``loss_terms``. Multi-process runs (``accelerate launch``) sample and update on
+every process; rewards and prompts are gathered so that advantages are computed on the global
+batch, then each process trains on its own rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from align_gen.advantages import build_advantage_fn
+from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from align_gen.config import RunConfig, save_config
+from align_gen.errors import RewardError
+from align_gen.objectives import build_objective
+from align_gen.policies.diffusion import DiffusionPolicy
+from align_gen.prompts import load_prompts, sample_prompts
+from align_gen.tracking import METRICS_FILE, MetricsLog, plot_learning_curve
+from align_gen.types import Rollout
+from pipelines.grid import sample_grid
+from reward_models import build_reward
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Where a run's outputs went, and its first and last epoch's mean reward."""
+
+    output_dir: Path
+    final_model: Path
+    metrics: Path
+    learning_curve: Path
+    grids: list[Path]
+    first_reward: float | None
+    last_reward: float | None
+
+
+def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
+    """The source of every random draw of one epoch on one process (makes resume exact)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + process)
+
+
+def train(config: RunConfig) -> TrainResult:
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+
+    objective = build_objective(config.objective)
+    objective.check(config)
+    prompts = load_prompts(config.prompts.source)
+    grid_prompts = config.grid.prompts or prompts[: config.grid.num_prompts]
+    reward_fn = build_reward(config.reward.weights, config.reward.options)
+    advantage_fn = build_advantage_fn(
+        config.advantage.kind,
+        buffer_size=config.advantage.buffer_size,
+        min_count=config.advantage.min_count,
+        clip=config.advantage.clip,
+    )
+    policy = DiffusionPolicy.from_config(config.model, config.sample, accelerator.device)
+    optimizer = torch.optim.AdamW(
+        list(policy.trainable_parameters()),
+        lr=config.train.learning_rate,
+        betas=(config.train.adam_beta1, config.train.adam_beta2),
+        weight_decay=config.train.weight_decay,
+        eps=config.train.adam_epsilon,
+    )
+
+    start_epoch, global_step = 0, 0
+    checkpoint = resolve_resume(config.resume, output_dir)
+    if checkpoint is not None:
+        weights, optimizer_state, state = load_checkpoint(checkpoint)
+        policy.load_trainable_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        advantage_fn.load_state_dict(state["advantage"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        accelerator.print(f"resumed from {checkpoint} after epoch {start_epoch}")
+    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+
+    log = MetricsLog(
+        output_dir, start_epoch=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
+    )
+    grids = []
+    if start_epoch == 0:
+        grids.append(_save_grid(policy, grid_prompts, config, output_dir, 0, accelerator))
+
+    epochs = tqdm(
+        range(start_epoch, config.epochs),
+        desc="epochs",
+        initial=start_epoch,
+        total=config.epochs,
+        disable=not accelerator.is_local_main_process,
+    )
+    for epoch in epochs:
+        generator = epoch_generator(config.seed, epoch, accelerator.process_index)
+        torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
+        started = time.perf_counter()
+
+        # 1. rollouts, no grad
+        rollouts = collect_rollouts(policy, prompts, config, generator, accelerator)
+        sampled = time.perf_counter()
+
+        # 2. rewards, 3. advantages over the global batch
+        rewards = score(reward_fn, rollouts).to(accelerator.device)
+        all_rewards = accelerator.gather(rewards).cpu()
+        all_prompts = gather_object(rollouts.prompts)
+        all_advantages = advantage_fn(all_prompts, all_rewards)
+        local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
+        rollouts.rewards = rewards
+        rollouts.advantages = all_advantages[local].to(accelerator.device)
+
+        # 4. update
+        update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
+        global_step += steps
+        finished = time.perf_counter()
+
+        # 5. log, grids, checkpoints
+        metrics = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "reward_mean": float(all_rewards.mean()),
+            "reward_std": float(all_rewards.std(unbiased=False)),
+            **_reward_term_metrics(reward_fn),
+            **update_metrics,
+            "samples": len(all_rewards),
+            "time_sampling_s": sampled - started,
+            "time_update_s": finished - sampled,
+        }
+        log.log(metrics)
+        epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
+        done = epoch + 1
+        if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
+            grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
+        if done % config.save_every == 0 or done == config.epochs:
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    output_dir,
+                    epoch=done,
+                    weights=policy.trainable_state_dict(),
+                    optimizer_state=optimizer.state_dict(),
+                    state={"global_step": global_step, "advantage": advantage_fn.state_dict()},
+                    keep=config.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+    log.close()
+
+    grids.append(_save_grid(policy, grid_prompts, config, output_dir, config.epochs, accelerator))
+    final_model = output_dir / "final"
+    curve = output_dir / "learning_curve.png"
+    if accelerator.is_main_process:
+        policy.save(final_model)
+        if (output_dir / METRICS_FILE).exists():
+            plot_learning_curve(output_dir / METRICS_FILE, curve)
+    accelerator.wait_for_everyone()
+    return _result(output_dir, final_model, curve, grids)
+
+
+def collect_rollouts(
+    policy: DiffusionPolicy, prompts: list[str], config: RunConfig, generator: torch.Generator, accelerator: Accelerator
+) -> Rollout:
+    """``sample.num_batches_per_epoch`` batches of fresh samples from the current policy."""
+    batches = []
+    for _ in tqdm(
+        range(config.sample.num_batches_per_epoch),
+        desc="sampling",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+    ):
+        batch_prompts = sample_prompts(prompts, config.sample.batch_size, config.sample.samples_per_prompt, generator)
+        batches.append(policy.sample(batch_prompts, generator=generator))
+    return Rollout.concatenate(batches)
+
+
+@torch.no_grad()
+def score(reward_fn, rollouts: Rollout) -> torch.Tensor:
+    """(B,) float32 rewards; a non-finite reward stops the run (it would poison the update)."""
+    rewards = torch.as_tensor(reward_fn(rollouts.images, rollouts.prompts)).float().flatten()
+    if rewards.shape[0] != len(rollouts):
+        raise RewardError(f"reward {reward_fn.name!r} returned {rewards.shape[0]} values for {len(rollouts)} images.")
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        index = int(bad.nonzero()[0])
+        raise RewardError(
+            f"reward {getattr(reward_fn, 'name', reward_fn)!r} returned {rewards[index].item()} for prompt "
+            f"{rollouts.prompts[index]!r} ({int(bad.sum())} of {len(rewards)} values are not finite)."
+        )
+    return rewards
+
+
+def update(
+    policy: DiffusionPolicy,
+    objective,
+    optimizer: torch.optim.Optimizer,
+    rollouts: Rollout,
+    config: RunConfig,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+) -> tuple[dict[str, float], int]:
+    """``train.inner_epochs`` passes over the rollouts in shuffled minibatches.
+
+    Returns the mean of every metric over the loss pieces, the mean gradient norm, and the
+    number of optimizer steps taken.
+    """
+    train_config = config.train
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    steps = 0
+    parameters = list(policy.trainable_parameters())
+    policy.unet.train()
+    for _ in range(train_config.inner_epochs):
+        order = torch.randperm(len(rollouts), generator=generator)
+        minibatches = order.split(train_config.batch_size)
+        for index, minibatch in enumerate(minibatches):
+            batch = rollouts.select(minibatch)
+            with accelerator.autocast():
+                for term in objective.loss_terms(policy, batch, generator):
+                    accelerator.backward(term.loss / train_config.gradient_accumulation_steps)
+                    for key, value in term.metrics.items():
+                        sums[key] += value
+                        counts[key] += 1
+            if (index + 1) % train_config.gradient_accumulation_steps == 0 or index + 1 == len(minibatches):
+                grad_norm = accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sums["grad_norm"] += float(grad_norm)
+                counts["grad_norm"] += 1
+                steps += 1
+    policy.unet.eval()
+    metrics = {key: sums[key] / counts[key] for key in sums}
+    if any(not math.isfinite(v) for v in metrics.values()):
+        raise RuntimeError(f"the update produced non-finite values: {metrics}; lower train.learning_rate.")
+    return metrics, steps
+
+
+def _reward_term_metrics(reward_fn) -> dict[str, Any]:
+    terms = getattr(reward_fn, "last_terms", None) or {}
+    return {f"reward/{name}": float(values.float().mean()) for name, values in terms.items()}
+
+
+def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int, accelerator: Accelerator) -> Path:
+    """Every process samples (their forward passes may be collective); the main one saves."""
+    path = output_dir / "grids" / f"epoch_{epoch:06d}.png"
+    image = sample_grid(policy, prompts, config.grid.seeds)
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    return path
+
+
+def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path]) -> TrainResult:
+    from align_gen.tracking import read_metrics
+
+    metrics_path = output_dir / METRICS_FILE
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    return TrainResult(
+        output_dir=output_dir,
+        final_model=final_model,
+        metrics=metrics_path,
+        learning_curve=curve,
+        grids=grids,
+        first_reward=rows[0]["reward_mean"] if rows else None,
+        last_reward=rows[-1]["reward_mean"] if rows else None,
+    )

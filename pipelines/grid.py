@@ -1,0 +1,60 @@
+"""Labelled sample grids: fixed prompts x fixed seeds, so grids of different epochs compare."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_CELL = 128  # tiny-model images are upscaled (nearest) to stay readable
+
+
+def render_grid(images: torch.Tensor, labels: Sequence[str], columns: int) -> Image.Image:
+    """One PIL image of (N, 3, H, W) images in [0, 1], ``columns`` wide, a caption under each.
+
+    Args:
+        images: (N, 3, H, W) float in [0, 1].
+        labels: N captions (wrapped to the cell width).
+        columns: cells per row.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    count, _, height, width = images.shape
+    scale = max(1, -(-MIN_CELL // max(height, width)))
+    cell_w, cell_h = width * scale, height * scale
+    font = ImageFont.load_default()
+    chars_per_line = max(8, cell_w // 7)
+    wrapped = [textwrap.wrap(label, chars_per_line)[:3] or [""] for label in labels]
+    caption_h = 12 * max(len(lines) for lines in wrapped) + 6
+    rows = -(-count // columns)
+    canvas = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for index in range(count):
+        x = (index % columns) * cell_w
+        y = (index // columns) * (cell_h + caption_h)
+        tile = Image.fromarray(pixels[index]).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(tile, (x, y))
+        for line_number, line in enumerate(wrapped[index]):
+            draw.text((x + 3, y + cell_h + 3 + 12 * line_number), line, fill="black", font=font)
+    return canvas
+
+
+@torch.no_grad()
+def sample_grid(policy, prompts: Sequence[str], seeds: Sequence[int]) -> Image.Image:
+    """Samples every prompt once per seed (one batch per seed) and renders prompts x seeds.
+
+    Rows are prompts and columns are seeds; the same (prompt, seed) gives the same noise in
+    every call, so grids drawn at different epochs show how the same sample changed.
+    """
+    columns = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        columns.append(policy.sample(list(prompts), generator=generator).images.cpu())
+    images = torch.stack(columns, dim=1).flatten(0, 1)  # (P * S, 3, H, W), row-major by prompt
+    labels = [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
+    return render_grid(images, labels, columns=len(seeds))

@@ -1,0 +1,191 @@
+"""CLIP score: how well an image matches its prompt, by an open_clip model.
+
+Score = cosine similarity between the L2-normalised image embedding and the L2-normalised text
+embedding, in [-1, 1]. Unlike the "CLIPScore" metric of Hessel et al. 2021 it is NOT multiplied by
+100 (nor clipped at 0): a well-matched pair under OpenAI ViT-L/14 scores about 0.25-0.35.
+Images are preprocessed in torch (no PIL round trip, so the reward works on GPU batches):
+resize (bicubic, antialiased) so the short side matches the model's input size, centre crop,
+normalise with the model's mean/std. ``OpenClipEncoder`` (loading + preprocessing + encoding) is
+shared with the ``aesthetic`` reward.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from align_gen.errors import ConfigError, MissingWeightsError, RewardError
+from reward_models.registry import BatchedReward, register_reward
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ("float32", "bfloat16", "float16")."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+    return resolved
+
+
+def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Module:
+    """Build ``model_name`` with weights from an open_clip tag or a local checkpoint file.
+
+    ``option`` names the setting a user changes to fix a missing checkpoint (for messages).
+    """
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
+        raise ConfigError(f"unknown open_clip model {model_name!r}; close matches: {close}")
+    if not pretrained:
+        raise ConfigError(f"{option} is required: an open_clip tag such as 'openai' or a file")
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag_cfg and not Path(pretrained).expanduser().is_file():
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise MissingWeightsError(
+            f"open_clip checkpoint {pretrained} does not exist (and is not a pretrained tag of "
+            f"{model_name!r}: {tags}); set {option}=/path/to/checkpoint.pt"
+        )
+    try:
+        model = open_clip.create_model(
+            model_name,
+            pretrained=pretrained if tag_cfg else str(Path(pretrained).expanduser()),
+            # The OpenAI weights were trained with QuickGELU; open_clip only warns on a mismatch.
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+        )
+    except RuntimeError as err:
+        if tag_cfg:
+            raise MissingWeightsError(
+                f"could not load open_clip weights {model_name!r}/{pretrained!r} offline; "
+                f"download them once with network access, or set {option}=/path/to/checkpoint.pt"
+            ) from err
+        raise RewardError(
+            f"checkpoint {pretrained} does not fit open_clip model {model_name!r}: "
+            f"{str(err).splitlines()[0][:300]}"
+        ) from err
+    return model
+
+
+class OpenClipEncoder:
+    """An open_clip model that embeds [0, 1] image tensors and prompts, L2-normalised.
+
+    Built from ``model_name`` + ``pretrained`` (tag or checkpoint path), or from an
+    already-built ``model`` (+ ``tokenizer``, needed only for ``encode_texts``), which is moved to
+    ``device``/``dtype`` in place and frozen.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        pretrained: str = "openai",
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        option: str = "pretrained",
+        model: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        if model is None:
+            model = load_open_clip(model_name, pretrained, option)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.model_name = model_name
+        self._tokenizer = tokenizer
+        visual = self.model.visual
+        size = visual.image_size
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        cfg = getattr(visual, "preprocess_cfg", None) or {}
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        mean = cfg.get("mean", getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN)
+        std = cfg.get("std", getattr(visual, "image_std", None) or OPENAI_DATASET_STD)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension D of the joint embedding space."""
+        projection = getattr(self.model.visual, "proj", None)
+        if isinstance(projection, torch.Tensor):
+            return int(projection.shape[-1])
+        probe = torch.zeros(1, 3, *self.image_size, device=self.device)
+        return int(self.encode_images(probe).shape[-1])
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 3, h, w) normalised model input on the model's device."""
+        images = images.to(device=self.device, dtype=torch.float32)
+        (height, width), (out_h, out_w) = images.shape[-2:], self.image_size
+        if (height, width) != (out_h, out_w):
+            # Resize the short side to the target (open_clip's 'shortest' mode), then crop.
+            scale = max(out_h / height, out_w / width)
+            new_size = (max(out_h, round(height * scale)), max(out_w, round(width * scale)))
+            images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True)
+            top, left = (new_size[0] - out_h) // 2, (new_size[1] - out_w) // 2
+            images = images[..., top : top + out_h, left : left + out_w].clamp(0.0, 1.0)
+        return ((images - self.mean) / self.std).to(self.dtype)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) float32, unit L2 norm."""
+        features = self.model.encode_image(self.preprocess(images))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_texts(self, prompts: list[str]) -> torch.Tensor:
+        """B prompts -> (B, D) float32, unit L2 norm."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        tokens = self._tokenizer(list(prompts)).to(self.device)  # (B, context_length)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+@register_reward("clip_score")
+class ClipScore(BatchedReward):
+    """Cosine similarity of open_clip image and prompt embeddings, in [-1, 1] (not x100).
+
+    ``pretrained`` is an open_clip tag of ``model_name`` (e.g. "openai") or a local checkpoint
+    file. For OpenAI tags QuickGELU is switched on automatically; for a local OpenAI checkpoint
+    use a ``-quickgelu`` model name. ``model``/``tokenizer`` take an already-built open_clip
+    model and tokenizer instead (then ``model_name``/``pretrained`` are not used for loading).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        pretrained: str = "openai",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        batch_size: int = 32,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size)
+        try:
+            self.encoder = OpenClipEncoder(
+                model_name,
+                pretrained,
+                device=device,
+                dtype=dtype,
+                option=f"reward options {self.name}.pretrained",
+                model=model,
+                tokenizer=tokenizer,
+            )
+        except (ConfigError, MissingWeightsError, RewardError) as err:
+            raise type(err)(f"{self.name}: {err}") from err
+
+    def score_chunk(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        image_features = self.encoder.encode_images(images)  # (b, D)
+        text_features = self.encoder.encode_texts(prompts)  # (b, D)
+        return (image_features * text_features).sum(dim=-1)  # (b,)

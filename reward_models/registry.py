@@ -1,0 +1,255 @@
+"""The reward contract, the reward registry, and weighted sums of rewards.
+
+Every reward is a callable object with a ``name`` and one signature::
+
+    reward(images: Tensor (B, 3, H, W) float in [0, 1], prompts: list[str]) -> Tensor (B,) float32
+
+The scores come back on the images' device. A reward is found by registry name
+(``get_reward("aesthetic")``) or by a ``"package.module:attr"`` spec naming a reward class, a
+factory, or a plain function with the signature above. ``build_reward`` turns the ``weights`` /
+``options`` of a config into one callable (a ``WeightedSum`` when there are several terms).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from align_gen.errors import ConfigError, RewardError
+
+# Values this far outside [0, 1] are a caller bug (e.g. images still in [-1, 1]), not rounding.
+RANGE_TOLERANCE = 1e-3
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """Anything that scores a batch of images against their prompts."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+def check_reward_inputs(images: torch.Tensor, prompts: list[str], name: str) -> None:
+    """Raise ``RewardError`` unless images is a finite (B, 3, H, W) float tensor in [0, 1]
+    and ``prompts`` holds B strings."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise RewardError(f"{name}: images must be a (B, 3, H, W) tensor, got {shape}")
+    if not images.is_floating_point():
+        raise RewardError(f"{name}: images must be float in [0, 1], got dtype {images.dtype}")
+    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
+        got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+        raise RewardError(f"{name}: need one prompt per image ({images.shape[0]}), got {got}")
+    if images.numel() == 0:
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise RewardError(f"{name}: images contain NaN or inf")
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise RewardError(
+            f"{name}: images must be in [0, 1], got values in [{low:.3f}, {high:.3f}]; "
+            "map [-1, 1] decoder output with (x + 1) / 2 first"
+        )
+
+
+def check_reward_output(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Return ``scores`` as a (B,) float32 tensor; raise ``RewardError`` on a bad shape or NaN."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (batch,):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise RewardError(f"{name}: a reward must return shape ({batch},), got {shape}")
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise RewardError(f"{name}: returned NaN or inf for {bad} of {batch} images")
+    return scores.float()
+
+
+class BatchedReward:
+    """Base class: validates inputs, scores in chunks of ``batch_size`` without grad, checks
+    the output. Subclasses set ``name`` and implement ``score_chunk``."""
+
+    name: str = "reward"
+
+    def __init__(self, batch_size: int = 32) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def score_chunk(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Score (b, 3, H, W) images in [0, 1] -> (b,). Called under ``torch.no_grad()``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_reward_inputs(images, prompts, self.name)
+        images = images.detach().clamp(0.0, 1.0)  # absorb the tolerated rounding overshoot
+        size = self.batch_size
+        chunks = [
+            self.score_chunk(images[i : i + size], list(prompts[i : i + size])).reshape(-1)
+            for i in range(0, images.shape[0], size)
+        ]
+        scores = torch.cat(chunks).to(images.device) if chunks else images.new_zeros(0)
+        return check_reward_output(scores, images.shape[0], self.name)
+
+
+class FunctionReward:
+    """Wraps a user's callable so that it obeys the contract (input and output checks)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, list[str]], torch.Tensor], name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_reward_inputs(images, prompts, self.name)
+        scores = self.fn(images, prompts)
+        if isinstance(scores, torch.Tensor):
+            scores = scores.to(images.device)
+        return check_reward_output(scores, images.shape[0], self.name)
+
+
+class WeightedSum:
+    """sum_i w_i * r_i(images, prompts). ``last_terms`` holds each term's unweighted (B,)
+    scores from the last call, keyed like ``weights``, for logging."""
+
+    def __init__(self, rewards: dict[str, RewardFn], weights: dict[str, float]) -> None:
+        if set(rewards) != set(weights):
+            raise ConfigError(f"rewards {sorted(rewards)} and weights {sorted(weights)} differ")
+        self.rewards = dict(rewards)
+        self.weights = {key: float(w) for key, w in weights.items()}
+        self.name = " + ".join(f"{w:g}*{key}" for key, w in self.weights.items())
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        terms = {key: reward(images, prompts) for key, reward in self.rewards.items()}
+        self.last_terms = {key: scores.detach() for key, scores in terms.items()}
+        total = sum(self.weights[key] * scores for key, scores in terms.items())
+        return check_reward_output(total, images.shape[0], self.name)
+
+
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+Factory = TypeVar("Factory", bound=Callable[..., Any])
+
+
+def register_reward(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: register a reward class (or factory) under ``name`` for ``get_reward``."""
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise RewardError(f"reward name {name!r} is already registered by {_REGISTRY[name]}")
+        _REGISTRY[name] = factory
+        if inspect.isclass(factory):
+            factory.name = name
+        return factory
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _import_spec(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
+    if not hasattr(module, attr):
+        raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _is_plain_reward_function(obj: Any) -> bool:
+    """True for a function taking exactly (images, prompts); factories take options instead."""
+    if inspect.isclass(obj) or not callable(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is p.empty for p in params) == 2
+
+
+def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: str) -> Any:
+    """Call ``factory(**options)``, turning bad option names into a ``ConfigError``."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return factory(**options)
+    params = signature.parameters
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = ", ".join(named) or "(none)"
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [key for key in options if key not in named]
+        if unknown:
+            raise ConfigError(
+                f"reward {label!r} has no option {unknown[0]!r}; valid options: {valid}"
+            )
+    try:
+        signature.bind(**options)
+    except TypeError as err:
+        raise ConfigError(f"reward {label!r}: {err}; valid options: {valid}") from err
+    return factory(**options)
+
+
+def get_reward(name: str, **options: Any) -> RewardFn:
+    """A reward by registry name or ``"package.module:attr"`` spec, built with ``options``."""
+    if ":" in name:
+        target = _import_spec(name)
+        if not options and _is_plain_reward_function(target):
+            return FunctionReward(target, name)
+    elif name in _REGISTRY:
+        target = _REGISTRY[name]
+    else:
+        close = difflib.get_close_matches(name, available_rewards(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RewardError(
+            f"unknown reward {name!r}; registered rewards: {', '.join(available_rewards())}, "
+            f"or a 'package.module:attr' spec.{hint}"
+        )
+    reward = _call_factory(target, options, name)
+    if not callable(reward):
+        raise RewardError(f"reward {name!r} built a {type(reward).__name__}, which is not callable")
+    if isinstance(reward, BatchedReward | FunctionReward | WeightedSum):
+        return reward
+    return FunctionReward(reward, getattr(reward, "name", name))
+
+
+def build_reward(
+    weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None
+) -> RewardFn:
+    """One callable for ``weights`` ({reward name or spec: weight}) with per-reward ``options``.
+
+    One term of weight 1 gives that reward itself; anything else gives a ``WeightedSum``.
+    """
+    options = dict(options or {})
+    if not weights:
+        raise ConfigError(
+            f"reward weights are empty; give at least one, e.g. {{'aesthetic': 1.0}}; "
+            f"registered rewards: {', '.join(available_rewards())}"
+        )
+    stray = sorted(set(options) - set(weights))
+    if stray:
+        raise ConfigError(
+            f"reward options for {stray} but these rewards have no weight; "
+            f"weighted rewards: {', '.join(weights)}"
+        )
+    for key, weight in weights.items():
+        is_number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not is_number or not math.isfinite(weight):
+            raise ConfigError(f"reward weight for {key!r} must be a finite number, got {weight!r}")
+        if not isinstance(options.get(key, {}), dict):
+            raise ConfigError(f"reward options for {key!r} must be a mapping, got {options[key]!r}")
+    rewards = {key: get_reward(key, **options.get(key, {})) for key in weights}
+    if len(rewards) == 1 and float(next(iter(weights.values()))) == 1.0:
+        return next(iter(rewards.values()))
+    return WeightedSum(rewards, {key: float(w) for key, w in weights.items()})
