@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except AlignGenError as error:
-        print(f"align-gen {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).splitlines())
+        print(f"align-gen {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"align-gen {args.command}: interrupted; resume with resume=latest", file=sys.stderr)
@@ -81,6 +82,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise AlignGenError(f"--steps must be >= 1, got {args.steps}.")
+    if not args.eta > 0:
+        raise AlignGenError(f"--eta must be > 0 (the sampler records log-probs), got {args.eta}.")
+    if getattr(args, "batch_size", 1) < 1:
+        raise AlignGenError(f"--batch-size must be >= 1, got {args.batch_size}.")
+
+
 def _load_policy(args: argparse.Namespace):
     import torch
 
@@ -104,6 +114,7 @@ def _sample(args: argparse.Namespace) -> int:
     from align_gen.prompts import load_prompts
     from pipelines.grid import sample_grid
 
+    _check_sampling_args(args)
     prompts = load_prompts(args.prompts)
     policy = _load_policy(args)
     image = sample_grid(policy, prompts, args.seeds)
@@ -120,6 +131,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from align_gen.prompts import load_prompts
     from reward_models import get_reward
 
+    _check_sampling_args(args)
     prompts = load_prompts(args.prompts)
     options: dict = {}
     for option in args.reward_option:

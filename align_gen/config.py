@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -190,7 +191,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}.")
     for override in overrides or []:
@@ -240,6 +244,11 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
         if name not in fields:
             raise ConfigError(_unknown_key_message(path, name, list(fields)))
         kwargs[name] = _convert(hints[name], value, path)
+    for name in fields.keys() - kwargs.keys():
+        # Absent sections are still built through from_dict, so the objective section gets its
+        # objective's own config class even when the YAML does not mention it.
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, f"{key}.{name}" if key else name)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -302,13 +311,18 @@ def _convert_scalar(hint: type, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path} must be a finite number, got {value!r}.")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -1,3 +1,46 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_train_overrides() -> list[str]:
+    """Overrides that make any diffusion config train in about a second on a CPU: 2 DDIM steps,
+    one batch of 2 rollouts per process, one epoch, a 1 x 1 grid, no TensorBoard."""
+    return [
+        "sample.num_steps=2",
+        "sample.batch_size=2",
+        "sample.num_batches_per_epoch=1",
+        "sample.guidance_scale=1.5",
+        "sample.samples_per_prompt=1",
+        "train.batch_size=2",
+        "epochs=1",
+        "grid.seeds=[0]",
+        "grid.num_prompts=1",
+        "grid.prompts=[]",
+        "tensorboard=false",
+    ]
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    """A .txt prompt file with two short prompts (one line each)."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\na blue square\n")
+    return path
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for the test: the tiny models gain nothing from more, and on a
+    shared 2-core machine two OpenMP threads per process oversubscribe it (measured 4x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -163,7 +163,8 @@ def load_sd_pipeline(
                 f"unknown built-in model {pretrained!r}; built-ins: "
                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             )
-        return BUILTIN_MODELS[name]().to(dtype=dtype)
+        pipeline = BUILTIN_MODELS[name]()
+        return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
     looks_local = pretrained.startswith((".", "/", "~")) or os.path.sep in pretrained.rstrip("/").split("/", 1)[-1]
     if looks_local and not Path(pretrained).expanduser().is_dir():
         raise MissingWeightsError(f"model folder not found: {pretrained}")

@@ -1,0 +1,156 @@
+"""Sampling overhead: ``DiffusionPolicy.sample`` vs a plain diffusers ``StableDiffusionPipeline``.
+
+What is measured: wall-clock seconds per batch of
+  (A) ours:  ``policy.sample(prompts, generator=g)``, which also records the trajectory and the
+             float32 log-prob of every DDIM step (align_gen.kernels.ddim_step_with_logprob);
+  (B) plain: ``pipeline(prompts, ..., output_type="pt")`` on the SAME pipeline object (same
+             weights, same modules) with a ``DDIMScheduler`` built from the policy's scheduler
+             config, and the same steps, eta, guidance scale, batch, resolution, negative prompt
+             and kind of generator.
+Both produce the same images (checked once: the largest pixel difference is printed), so the
+difference in time is the cost of recording the trajectory and the log-probs.
+
+How: one process, one warm-up pair, then ``--repeats`` interleaved pairs A B A B ... (so that
+machine noise hits both alike), each call under ``torch.inference_mode`` and timed between
+``torch.cuda.synchronize()`` calls on CUDA. Reported: medians, images/s, and
+ratio = images/s plain / images/s ours (= median time ours / median time plain);
+overhead = ratio - 1, target <= 10%.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling_overhead.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from diffusers import DDIMScheduler
+from harness import (
+    add_common_flags,
+    describe_machine,
+    load_average,
+    median,
+    print_machine,
+    print_table,
+    resolve_dtype,
+    timed,
+    write_json,
+)
+
+from align_gen.config import ModelConfig, SampleConfig
+from align_gen.policies.diffusion import DiffusionPolicy
+from align_gen.prompts import load_prompts
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser, batch_size=4, steps=20, repeats=7)
+    parser.add_argument(
+        "--generator-device",
+        default="cpu",
+        help="device of the torch.Generator given to both (the trainer uses a CPU generator)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args)
+    machine = describe_machine(device)
+    print_machine(machine)
+
+    sample_config = SampleConfig(
+        num_steps=args.steps,
+        eta=args.eta,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+    )
+    policy = DiffusionPolicy.from_config(
+        ModelConfig(pretrained=args.model, dtype=dtype), sample_config, device, trainable=False
+    )
+    pipeline = policy.pipeline  # the same object, hence the same weights and modules
+    pipeline.scheduler = DDIMScheduler.from_config(policy.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    all_prompts = load_prompts("builtin:simple_animals")
+    prompts = [all_prompts[i % len(all_prompts)] for i in range(args.batch_size)]
+
+    def generator() -> torch.Generator:
+        return torch.Generator(args.generator_device).manual_seed(args.seed)
+
+    @torch.inference_mode()
+    def ours() -> torch.Tensor:
+        return policy.sample(prompts, generator=generator()).images
+
+    @torch.inference_mode()
+    def plain() -> torch.Tensor:
+        return pipeline(
+            prompts,
+            height=policy.resolution,
+            width=policy.resolution,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=[sample_config.negative_prompt] * len(prompts),
+            eta=args.eta,
+            generator=generator(),
+            output_type="pt",
+        ).images
+
+    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    images: dict[str, torch.Tensor] = {}
+    for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
+        for name, fn in (("ours", ours), ("plain", plain)):
+            seconds, images[name] = timed(fn, device)
+            if repeat:
+                times[name].append(seconds)
+    max_diff = float((images["ours"].float() - images["plain"].float()).abs().max())
+
+    med = {name: median(values) for name, values in times.items()}
+    images_per_s = {name: args.batch_size / seconds for name, seconds in med.items()}
+    ratio = med["ours"] / med["plain"]
+    paired = median([a / b for a, b in zip(times["ours"], times["plain"], strict=True)])
+    print(
+        f"\nmodel={args.model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
+        f"guidance={args.guidance_scale} eta={args.eta} resolution={policy.resolution} "
+        f"repeats={args.repeats} (+1 warm-up), interleaved"
+    )
+    print_table(
+        ["", "median s/batch", "min s/batch", "max s/batch", "images/s"],
+        [
+            [name, med[name], min(times[name]), max(times[name]), images_per_s[name]]
+            for name in times
+        ],
+    )
+    print(
+        f"\nratio plain/ours (images/s) = {ratio:.3f}  -> overhead {100 * (ratio - 1):+.1f}% (target <= +10%)"
+    )
+    print(f"median of per-pair ratios     = {paired:.3f}")
+    print(
+        f"extra time per DDIM step      = {1e3 * (med['ours'] - med['plain']) / args.steps:+.2f} ms"
+    )
+    print(f"max |image ours - plain|      = {max_diff:.2e} (same seed: both draw the same noise)")
+
+    write_json(
+        args.json,
+        {
+            "benchmark": "sampling_overhead",
+            "machine": {**machine, "load_avg_1min_end": load_average()},
+            "settings": {
+                **vars(args),
+                "json": str(args.json),
+                "dtype": dtype,
+                "resolution": policy.resolution,
+            },
+            "seconds": times,
+            "median_seconds": med,
+            "images_per_s": images_per_s,
+            "ratio_plain_over_ours": ratio,
+            "median_pair_ratio": paired,
+            "overhead_percent": 100 * (ratio - 1),
+            "max_image_difference": max_diff,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

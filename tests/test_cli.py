@@ -1,0 +1,464 @@
+"""The ``align-gen`` command: bad input is one line on stderr and exit status 2 (never a
+traceback); ``sample`` writes a grid, ``evaluate`` a JSON report, ``train`` a final model.
+
+Most cases call :func:`align_gen.cli.main` in-process; a few run the real command in a
+subprocess to prove the exit status and the absence of a traceback end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from align_gen.cli import main
+
+TINY_CONFIG = (
+    Path(__file__).resolve().parents[1] / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
+)
+MODEL = "align-gen:tiny-random-sd"
+NAN_MODULE = "align_gen_test_nan_reward"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``align-gen ARGV``; one string argument is split like a
+    shell command line."""
+    if len(argv) == 1 and isinstance(argv[0], str):
+        argv = tuple(shlex.split(argv[0]))
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, command: str, *fragments: str) -> str:
+    """Exit status 2 and stderr == exactly one line ``align-gen COMMAND: error: ...``."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith(f"align-gen {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert code == 2
+    return lines[0]
+
+
+def assert_error_line_after_progress(code: int, err: str, command: str, *fragments: str) -> str:
+    """As :func:`assert_one_line_error` for a failure that happens mid-run, after progress bars
+    and library warnings went to stderr: exactly one error line, one line long, no traceback."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("align-gen ")]
+    assert len(errors) == 1, err
+    assert err.splitlines()[-1] == errors[0], "the error must be the last thing printed"
+    assert errors[0].startswith(f"align-gen {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    assert code == 2
+    return errors[0]
+
+
+@pytest.fixture(autouse=True)
+def quiet_library_warnings():
+    """diffusers warns on every pipeline cast (reported separately). Its stderr handler is created
+    once per process, so under capsys it can hold a closed stream of an earlier test and print a
+    '--- Logging error ---' traceback; only errors from the libraries are kept here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    yield
+    diffusers_logging.set_verbosity(before)
+
+
+@pytest.fixture
+def empty_prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.txt"
+    path.write_text("\n   \n")  # blank lines only
+    return path
+
+
+@pytest.fixture
+def nan_reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module whose plain function ``nan_reward`` returns NaN for every image."""
+    folder = tmp_path / "user_rewards"
+    folder.mkdir()
+    (folder / f"{NAN_MODULE}.py").write_text(
+        "import torch\n\n\n"
+        "def nan_reward(images, prompts):\n"
+        "    return torch.full((images.shape[0],), float('nan'))\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, NAN_MODULE, raising=False)
+    yield NAN_MODULE
+    sys.modules.pop(NAN_MODULE, None)
+
+
+# --------------------------------------------------------------------------------------------
+# train: bad input
+
+
+def train_args(tmp_path: Path, *overrides: str) -> list[str]:
+    return ["train", str(TINY_CONFIG), f"output_dir={tmp_path / 'run'}", *overrides]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (
+            ["train.learning_rat=1e-4"],
+            [
+                "unknown config key 'train.learning_rat'",
+                "Did you mean 'learning_rate'?",
+                "Valid keys here:",
+            ],
+        ),
+        (["sample.num_steps=abc"], ["sample.num_steps must be of type int, got 'abc' (str)"]),
+        (["model.lora.enabled=3"], ["model.lora.enabled must be of type bool"]),
+        (["model.dtype=float64"], ["model.dtype must be one of 'float32', 'float16', 'bfloat16'"]),
+        (["objective.name=dpo"], ["unknown objective 'dpo'", "Valid: ddpo"]),
+        (["sample.batch_size=3", "sample.samples_per_prompt=2"], ["must be a multiple of"]),
+        (["epochs"], ["override 'epochs' must look like key.sub=value"]),
+    ],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "wrong-bool",
+        "bad-choice",
+        "unknown-objective",
+        "batch",
+        "no-equals",
+    ],
+)
+def test_train_config_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, overrides: list[str], fragments: list[str]
+) -> None:
+    code, out, err = run(capsys, *train_args(tmp_path, *overrides))
+    assert_one_line_error(code, err, "train", *fragments)
+    assert out == ""
+    assert not (tmp_path / "run").exists()  # nothing is written for an invalid config
+
+
+def test_train_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "train", tmp_path / "nope.yaml")
+    assert_one_line_error(code, err, "train", "config file not found:", "nope.yaml")
+
+
+def test_train_invalid_yaml_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sample: [1, 2\n")
+    code, _, err = run(capsys, "train", path)
+    assert_one_line_error(code, err, "train", "is not valid YAML")
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("prompts.source=/nonexistent.txt", ["prompts file not found: /nonexistent.txt"]),
+        ("prompts.source=builtin:nope", ["unknown built-in prompt list 'nope'", "shapes"]),
+        ("reward.weights={nope: 1.0}", ["unknown reward 'nope'", "jpeg_compressibility"]),
+        ("reward.weights={}", ["reward weights are empty"]),
+        (
+            "reward.weights={'no_such_module_xyz:fn': 1.0}",
+            ["cannot import module 'no_such_module_xyz'"],
+        ),
+    ],
+    ids=[
+        "missing-prompts",
+        "unknown-builtin-prompts",
+        "unknown-reward",
+        "no-reward",
+        "unimportable-reward",
+    ],
+)
+def test_train_input_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, override: str, fragments: list[str]
+) -> None:
+    code, _, err = run(capsys, *train_args(tmp_path, override))
+    assert_one_line_error(code, err, "train", *fragments)
+
+
+def test_train_empty_prompt_list(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, empty_prompt_file: Path
+) -> None:
+    code, _, err = run(capsys, *train_args(tmp_path, f"prompts.source={empty_prompt_file}"))
+    assert_one_line_error(code, err, "train", f"the prompt list {empty_prompt_file} is empty")
+
+
+def test_train_bad_jsonl_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a red circle"}\n{"text": "no prompt field"}\n')
+    code, _, err = run(capsys, *train_args(tmp_path, f"prompts.source={path}"))
+    assert_one_line_error(
+        code, err, "train", f'{path}:2: expected a JSON object with a "prompt" field'
+    )
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_train_nan_reward_stops_the_run(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    nan_reward_module: str,
+    tiny_train_overrides: list[str],
+) -> None:
+    spec = f"{nan_reward_module}:nan_reward"
+    code, _, err = run(
+        capsys, *train_args(tmp_path, *tiny_train_overrides, f'reward.weights={{"{spec}": 1.0}}')
+    )
+    assert_error_line_after_progress(code, err, "train", spec, "NaN", "2 of 2")
+    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# train: the happy path, then sampling from the run's final/ folder
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_train_then_sample_the_final_lora(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    prompt_file: Path,
+    tiny_train_overrides: list[str],
+) -> None:
+    code, out, err = run(
+        capsys,
+        *train_args(
+            tmp_path,
+            *tiny_train_overrides,
+            "model.lora.enabled=true",
+            f"prompts.source={prompt_file}",
+        ),
+    )
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    assert "reward (mean over samples): first epoch" in out
+    assert f"final model    {run_dir / 'final'}" in out
+    assert json.loads((run_dir / "final" / "align_gen_model.json").read_text()) == {
+        "base_model": MODEL,
+        "kind": "lora",
+    }
+    code, out, err = run(
+        capsys,
+        f"sample {run_dir / 'final'} --prompts {prompt_file} --steps 2 --out {tmp_path / 'g.png'}",
+    )
+    assert code == 0, err
+    assert (tmp_path / "g.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# sample and evaluate
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_sample_writes_a_grid(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path
+) -> None:
+    """2 prompts x 2 seeds of 64 px images (32 x 32 latents, VAE factor 2), upscaled x2 to the
+    128 px minimum cell: 2 columns = 256 px wide. Each caption, e.g. "a blue square (seed 1)"
+    (22 chars), wraps at 128 // 7 = 18 chars into 2 lines of 12 px + 6 px padding = 30 px, so a
+    row is 128 + 30 = 158 px and 2 rows are 316 px high."""
+    out_path = tmp_path / "nested" / "g.png"
+    code, out, err = run(
+        capsys, f"sample {MODEL} --prompts {prompt_file} --seeds 0 1 --steps 2 --out {out_path}"
+    )
+    assert code == 0, err
+    assert out.strip() == f"wrote {out_path} (2 prompts x 2 seeds)"
+    with Image.open(out_path) as image:
+        assert image.format == "PNG"
+        assert image.size == (256, 316)
+        white = (255, 255, 255)
+        assert image.getpixel((64, 64)) != white or image.getpixel((192, 64)) != white
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_evaluate_writes_json_and_prints_a_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path
+) -> None:
+    out_path = tmp_path / "e.json"
+    code, out, err = run(
+        capsys,
+        f"evaluate {MODEL} --reward jpeg_compressibility --reward jpeg_incompressibility "
+        f"--prompts {prompt_file} --seeds 0 --steps 2 --out {out_path}",
+    )
+    assert code == 0, err
+    report = json.loads(out_path.read_text())
+    assert report["model"] == MODEL and report["seeds"] == [0] and report["lora"] is None
+    rows = report["rewards"]
+    assert set(rows) == {"jpeg_compressibility", "jpeg_incompressibility"}
+    for row in rows.values():
+        assert set(row) == {"mean", "std", "n"}
+        assert row["n"] == 2  # 2 prompts x 1 seed
+        assert row["std"] >= 0
+    # both rewards scored the same images: +size and -size
+    assert rows["jpeg_compressibility"]["mean"] < 0
+    assert rows["jpeg_incompressibility"]["mean"] == pytest.approx(
+        -rows["jpeg_compressibility"]["mean"]
+    )
+    lines = out.splitlines()
+    assert lines[0].split() == ["reward", "mean", "std", "n"]
+    for line, (name, row) in zip(lines[1:3], rows.items(), strict=True):
+        assert line.split() == [name, f"{row['mean']:.4f}", f"{row['std']:.4f}", "2"]
+    assert lines[-1] == f"wrote {out_path}"
+
+
+def test_evaluate_unknown_reward(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path
+) -> None:
+    code, _, err = run(
+        capsys,
+        f"evaluate {MODEL} --reward jpeg_compresibility --prompts {prompt_file} --out {tmp_path / 'e.json'}",
+    )
+    assert_one_line_error(
+        code,
+        err,
+        "evaluate",
+        "unknown reward 'jpeg_compresibility'",
+        "Did you mean 'jpeg_compressibility'?",
+    )
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragments"),
+    [
+        (
+            ["clip_score.pretrained=/x.pt"],
+            ["--reward-option names rewards not given with --reward: clip_score"],
+        ),
+        (
+            ["jpeg_compressibility.nope=1"],
+            ["reward 'jpeg_compressibility' has no option 'nope'", "quality"],
+        ),
+    ],
+)
+def test_evaluate_bad_reward_options(
+    capsys: pytest.CaptureFixture[str], prompt_file: Path, options: list[str], fragments: list[str]
+) -> None:
+    argv = ["evaluate", MODEL, "--reward", "jpeg_compressibility", "--prompts", prompt_file]
+    for option in options:
+        argv += ["--reward-option", option]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "evaluate", *fragments)
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_missing_and_empty_prompt_files(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, empty_prompt_file: Path
+) -> None:
+    extra = ["--reward", "jpeg_compressibility"] if command == "evaluate" else []
+    code, _, err = run(capsys, command, MODEL, "--prompts", "/nonexistent.txt", *extra)
+    assert_one_line_error(code, err, command, "prompts file not found: /nonexistent.txt")
+    code, _, err = run(capsys, command, MODEL, "--prompts", empty_prompt_file, *extra)
+    assert_one_line_error(code, err, command, "is empty")
+
+
+@pytest.mark.parametrize(
+    ("model", "fragment"),
+    [
+        ("./no/such/model", "model folder not found: ./no/such/model"),
+        ("align-gen:tiny-random-sdxl", "unknown built-in model 'align-gen:tiny-random-sdxl'"),
+    ],
+)
+def test_sample_missing_model(
+    capsys: pytest.CaptureFixture[str], prompt_file: Path, model: str, fragment: str
+) -> None:
+    code, _, err = run(capsys, "sample", model, "--prompts", prompt_file)
+    assert_one_line_error(code, err, "sample", fragment)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_sample_missing_lora(capsys: pytest.CaptureFixture[str], prompt_file: Path) -> None:
+    code, _, err = run(capsys, "sample", MODEL, "--prompts", prompt_file, "--lora", "/no/such/lora")
+    assert_error_line_after_progress(code, err, "sample", "LoRA weights not found: /no/such/lora")
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("sample", "--steps"), ("sample", "--eta"), ("evaluate", "--batch-size")],
+)
+def test_sampling_flags_must_be_positive(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path, command: str, flag: str
+) -> None:
+    extra = ["--reward", "jpeg_compressibility"] if command == "evaluate" else []
+    code, _, err = run(
+        capsys,
+        *f"{command} {MODEL} --prompts {prompt_file} --steps 2 {flag} 0 --out {tmp_path / 'out'}".split(),
+        *extra,
+    )
+    line = assert_error_line_after_progress(code, err, command)
+    assert flag.lstrip("-").replace("-", "_") in line.replace("-", "_")  # names the flag
+
+
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["sample", MODEL])  # --prompts is required
+    assert info.value.code == 2
+    assert "the following arguments are required: --prompts" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# the real command, in a subprocess
+
+
+def command_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_subprocess_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "align_gen.cli",
+            "train",
+            str(TINY_CONFIG),
+            "train.learning_rat=1e-4",
+        ],
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(
+        result.returncode, result.stderr, "train", "unknown config key 'train.learning_rat'"
+    )
+    assert result.stdout == ""
+
+
+def test_console_script_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("align-gen")
+    if not script.is_file():
+        pytest.skip(f"no align-gen console script next to {sys.executable}")
+    result = subprocess.run(
+        [str(script), "evaluate", MODEL, "--reward", "nope", "--prompts", "builtin:shapes"],
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert_one_line_error(result.returncode, result.stderr, "evaluate", "unknown reward 'nope'")
+
+
+def test_nan_module_fixture_is_a_real_reward(nan_reward_module: str) -> None:
+    """The NaN test above fails for the right reason: the spec resolves to our function, and the
+    registry's output check (not an import error) is what rejects it."""
+    from align_gen.errors import RewardError
+    from reward_models import build_reward
+
+    reward = build_reward({f"{nan_reward_module}:nan_reward": 1.0})
+    with pytest.raises(RewardError, match="returned NaN or inf for 2 of 2 images"):
+        reward(torch.rand(2, 3, 8, 8), ["a", "b"])
