@@ -63,12 +63,10 @@ def train(config: RunConfig) -> TrainResult:
     prompts = load_prompts(config.prompts.source)
     grid_prompts = config.grid.prompts or prompts[: config.grid.num_prompts]
     reward_fn = build_reward(config.reward.weights, config.reward.options)
-    advantage_fn = build_advantage_fn(
-        config.advantage.kind,
-        buffer_size=config.advantage.buffer_size,
-        min_count=config.advantage.min_count,
-        clip=config.advantage.clip,
-    )
+    advantage_settings = {"clip": config.advantage.clip}
+    if config.advantage.kind == "per_prompt":
+        advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
+    advantage_fn = build_advantage_fn(config.advantage.kind, **advantage_settings)
     policy = DiffusionPolicy.from_config(config.model, config.sample, accelerator.device)
     optimizer = torch.optim.AdamW(
         list(policy.trainable_parameters()),

@@ -9,7 +9,8 @@ update). Then ``update(...)`` -- DDPO's clipped surrogate re-scored on every tim
 rollout, backward per step, one optimizer step per minibatch -- is timed.
 
 How: one process, one warm-up update (it also allocates AdamW's state), then ``--repeats``
-timed updates over the same rollouts, each between ``torch.cuda.synchronize()`` calls on CUDA.
+timed updates over the same rollouts (the weights move between repeats; the cost of an update does
+not depend on them), each between ``torch.cuda.synchronize()`` calls on CUDA.
 Reported: the median seconds per update, samples/s (rollouts processed per second of update,
 all their timesteps included) and transitions/s (= samples/s x steps); on CUDA also the peak
 memory allocated (``torch.cuda.max_memory_allocated``) during the updates.
@@ -124,7 +125,7 @@ def main() -> None:
 
     times = []
     for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
-        seconds, (metrics, optimizer_steps) = timed(one_update, device)
+        seconds, (_, optimizer_steps) = timed(one_update, device)
         if repeat:
             times.append(seconds)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -138,30 +139,17 @@ def main() -> None:
         f"guidance={args.guidance_scale} mixed_precision={args.mixed_precision} "
         f"repeats={args.repeats} (+1 warm-up)"
     )
-    print_table(
-        [
-            "mode",
-            "median s/update",
-            "min",
-            "max",
-            "samples/s",
-            "transitions/s",
-            "opt steps",
-            "peak GiB",
-        ],
-        [
-            [
-                mode,
-                seconds,
-                min(times),
-                max(times),
-                samples_per_s,
-                samples_per_s * args.steps,
-                optimizer_steps,
-                "n/a (cpu)" if peak_gib is None else peak_gib,
-            ]
-        ],
-    )
+    row = {
+        "mode": mode,
+        "median s/update": seconds,
+        "min": min(times),
+        "max": max(times),
+        "samples/s": samples_per_s,
+        "transitions/s": samples_per_s * args.steps,
+        "opt steps": optimizer_steps,
+        "peak GiB": "n/a (cpu)" if peak_gib is None else peak_gib,
+    }
+    print_table(list(row), [list(row.values())])
     print(
         f"(sampling the epoch took {sampling_s:.3g} s: {len(rollouts) / sampling_s:.3g} images/s)"
     )
