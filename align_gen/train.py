@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from align_gen.config import RunConfig, save_config
+from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import RewardError
 from align_gen.objectives import build_objective
 from align_gen.policies.diffusion import DiffusionPolicy
@@ -68,13 +68,7 @@ def train(config: RunConfig) -> TrainResult:
         advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
     advantage_fn = build_advantage_fn(config.advantage.kind, **advantage_settings)
     policy = DiffusionPolicy.from_config(config.model, config.sample, accelerator.device)
-    optimizer = torch.optim.AdamW(
-        list(policy.trainable_parameters()),
-        lr=config.train.learning_rate,
-        betas=(config.train.adam_beta1, config.train.adam_beta2),
-        weight_decay=config.train.weight_decay,
-        eps=config.train.adam_epsilon,
-    )
+    optimizer = build_optimizer(policy, config.train)
 
     start_epoch, global_step = 0, 0
     checkpoint = resolve_resume(config.resume, output_dir)
@@ -163,6 +157,17 @@ def train(config: RunConfig) -> TrainResult:
             plot_learning_curve(output_dir / METRICS_FILE, curve)
     accelerator.wait_for_everyone()
     return _result(output_dir, final_model, curve, grids)
+
+
+def build_optimizer(policy: DiffusionPolicy, train_config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable parameters, as ``train:`` configures it."""
+    return torch.optim.AdamW(
+        list(policy.trainable_parameters()),
+        lr=train_config.learning_rate,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+        weight_decay=train_config.weight_decay,
+        eps=train_config.adam_epsilon,
+    )
 
 
 def collect_rollouts(

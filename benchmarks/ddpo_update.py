@@ -41,7 +41,7 @@ from align_gen.config import RunConfig, from_dict
 from align_gen.objectives import build_objective
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
-from align_gen.train import collect_rollouts, epoch_generator, update
+from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,13 +99,7 @@ def main() -> None:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = DiffusionPolicy.from_config(config.model, config.sample, device)
-    optimizer = torch.optim.AdamW(
-        list(policy.trainable_parameters()),
-        lr=config.train.learning_rate,
-        betas=(config.train.adam_beta1, config.train.adam_beta2),
-        weight_decay=config.train.weight_decay,
-        eps=config.train.adam_epsilon,
-    )
+    optimizer = build_optimizer(policy, config.train)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     total = sum(p.numel() for p in policy.unet.parameters())

@@ -133,3 +133,26 @@ def test_text_to_image_policy_rejects_input_images() -> None:
     policy = make_policy(lora=True, guidance=1.0, steps=2)
     with pytest.raises(ValueError, match="no input images"):
         policy.sample(PROMPTS, images=torch.zeros(4, 3, 8, 8))
+
+
+def test_v_prediction_models_like_sd2_rescore_and_match_on_velocity() -> None:
+    from diffusers import DDIMScheduler
+
+    pipeline = build_tiny_random_sd()
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, prediction_type="v_prediction")
+    policy = DiffusionPolicy(
+        pipeline, ModelConfig(lora=LoraConfig(enabled=True)), SampleConfig(num_steps=3, guidance_scale=2.0)
+    )
+    rollout = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(policy.step_log_prob(rollout, torch.arange(3)), rollout.log_probs, atol=1e-5, rtol=0)
+
+    t = torch.tensor([100, 700])
+    noise = torch.randn(rollout.final_samples.shape, generator=torch.Generator().manual_seed(1))
+    abar = policy.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    clean = rollout.final_samples
+    noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
+    velocity = abar.sqrt() * noise - (1 - abar).sqrt() * clean  # v = sqrt(abar) eps - sqrt(1-abar) x0
+    with torch.no_grad():
+        prediction = policy.unet(noisy, t, rollout.conditioning["prompt_embeds"]).sample
+        loss = policy.matching_loss(rollout, t=t, noise=noise)
+    assert torch.allclose(loss, (prediction - velocity).pow(2).mean(dim=(1, 2, 3)), atol=1e-5)
