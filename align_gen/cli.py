@@ -73,7 +73,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print()
-        print(f"reward (mean over samples): first epoch {result.first_reward:.4f}, last epoch {result.last_reward:.4f}")
+        if result.first_reward is not None:
+            print(f"reward (mean over samples): first epoch {result.first_reward:.4f}, last epoch {result.last_reward:.4f}")
         print(f"metrics        {result.metrics}")
         print(f"learning curve {result.learning_curve}")
         print(f"sample grids   {result.grids[0]} (before) ... {result.grids[-1]} (after)")

@@ -57,9 +57,11 @@ def test_a_run_writes_metrics_grids_checkpoints_and_a_final_model(tmp_path: Path
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    straight = run(tmp_path / "straight", "epochs=4", "save_every=2")
-    run(tmp_path / "resumed", "epochs=2", "save_every=2")
-    resumed = run(tmp_path / "resumed", "epochs=4", "save_every=2", "resume=latest")
+    # Per-prompt advantages (their buffers are part of the checkpoint) and CFG on.
+    settings = ["save_every=2", "advantage.kind=per_prompt", "advantage.min_count=2", "sample.guidance_scale=2.0"]
+    straight = run(tmp_path / "straight", "epochs=4", *settings)
+    run(tmp_path / "resumed", "epochs=2", *settings)
+    resumed = run(tmp_path / "resumed", "epochs=4", "resume=latest", *settings)
 
     assert without_timing(read_metrics(straight.metrics)) == without_timing(read_metrics(resumed.metrics))
     weights = [load_file(str(list_checkpoints(r.output_dir)[-1] / "trainable.safetensors")) for r in (straight, resumed)]
@@ -76,10 +78,12 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_raises_compressibility(tmp_path: Path) -> None:
     """A shortened `make demo`: the same config, fewer epochs; the reward must clearly rise."""
-    epochs = int(os.environ.get("ALIGN_GEN_DEMO_TEST_EPOCHS", "8"))
+    epochs = int(os.environ.get("ALIGN_GEN_DEMO_TEST_EPOCHS", "12"))
     config = load_config(DEMO_CONFIG, [f"output_dir={tmp_path}", f"epochs={epochs}", "grid.every=0", "tensorboard=false"])
     result = train(config)
     rows = read_metrics(result.metrics)
     first, last = rows[0], rows[-1]
-    margin = 3 * first["reward_std"] / (first["samples"] ** 0.5)  # 3 standard errors of the mean
+    # "Clearly above": by more than twice the spread of the first epoch's rewards (which is far
+    # more than the uncertainty of its mean, std / sqrt(64)).
+    margin = 2 * first["reward_std"]
     assert last["reward_mean"] > first["reward_mean"] + margin, [round(r["reward_mean"], 4) for r in rows]
