@@ -222,8 +222,12 @@ def update(
     steps = 0
     parameters = list(policy.trainable_parameters())
     policy.unet.train()
+    group = config.sample.samples_per_prompt
     for _ in range(train_config.inner_epochs):
-        order = torch.randperm(len(rollouts), generator=generator)
+        # Shuffle whole groups (the samples of one prompt draw), so objectives that compare
+        # samples of the same prompt (REBEL's pairs) always find them in one minibatch.
+        group_order = torch.randperm(len(rollouts) // group, generator=generator)
+        order = (group_order[:, None] * group + torch.arange(group)).flatten()
         minibatches = order.split(train_config.batch_size)
         for index, minibatch in enumerate(minibatches):
             batch = rollouts.select(minibatch)

@@ -16,7 +16,6 @@ def tiny_train_overrides() -> list[str]:
         "sample.batch_size=2",
         "sample.num_batches_per_epoch=1",
         "sample.guidance_scale=1.5",
-        "sample.samples_per_prompt=1",
         "train.batch_size=2",
         "epochs=1",
         "grid.seeds=[0]",

@@ -1,0 +1,123 @@
+"""REBEL (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards").
+
+For two samples y, y' of the same prompt drawn from pi_old, REBEL regresses the difference of
+their log-ratios onto the difference of their rewards:
+    residual = (1/eta) [(log pi(y) - log pi_old(y)) - (log pi(y') - log pi_old(y'))] - (r(y) - r(y'))
+    loss     = mean_pairs residual^2
+where log pi(y) is the chain log-likelihood: the sum over steps of the per-step log-probs (for
+diffusion, each step's log-prob is the per-element mean the policy records, so 1/eta also
+absorbs the 1/(C h w) scale of the mean; for a VLM, the per-token log-probs). Padded or
+excluded steps (``step_mask`` False) are left out of the sums.
+
+Memory: the residual is linear in the summed log-probs, so its gradient is
+    d loss / d theta = mean_pairs (2 residual / eta) * sum_t [d log pi_t(y) - d log pi_t(y')].
+The objective first computes every residual without grad (one forward per step), then yields
+one piece per step whose gradient is that step's share, with the residual held fixed: the exact
+gradient of the loss, with the activations of one step alive at a time, whatever the number of
+steps. It costs one extra forward pass per step over a one-pass implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from align_gen.config import ObjectiveConfig, RunConfig
+from align_gen.errors import ConfigError
+from align_gen.objectives import register_objective
+from align_gen.policy import Policy
+from align_gen.types import LossOutput, Rollout
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass
+class RebelConfig(ObjectiveConfig):
+    name: str = "rebel"
+    eta: float = 1.0  # the regression's scale; the paper's image experiment uses 1/eta = 1
+    target: Literal["advantage", "reward"] = "advantage"  # regress onto normalised or raw reward gaps
+
+    def __post_init__(self) -> None:
+        if not self.eta > 0:
+            raise ConfigError(f"objective.eta must be > 0, got {self.eta}.")
+
+
+def rebel_residual(
+    log_ratio: Tensor, other_log_ratio: Tensor, reward: Tensor, other_reward: Tensor, eta: float
+) -> Tensor:
+    """(P,) (1/eta)(log-ratio gap) - (reward gap) for P pairs (y, y').
+
+    Args:
+        log_ratio: (P,) log pi(y) - log pi_old(y), chain sums over steps.
+        other_log_ratio: (P,) the same for y'.
+        reward, other_reward: (P,) r(y) and r(y') (or their normalised advantages).
+        eta: the scale; the log-ratio gap is divided by it.
+    """
+    return (log_ratio - other_log_ratio) / eta - (reward - other_reward)  # (P,)
+
+
+def rebel_loss(
+    log_ratio: Tensor, other_log_ratio: Tensor, reward: Tensor, other_reward: Tensor, eta: float
+) -> tuple[Tensor, dict[str, float]]:
+    """REBEL's mean squared residual over P pairs (arguments as :func:`rebel_residual`), and
+    detached statistics: the residual's and the reward gap's mean absolute values."""
+    residual = rebel_residual(log_ratio, other_log_ratio, reward, other_reward, eta)  # (P,)
+    loss = residual.pow(2).mean()  # ()
+    metrics = {
+        "loss": float(loss.detach()),
+        "residual_abs": float(residual.detach().abs().mean()),
+        "reward_gap_abs": float((reward - other_reward).abs().mean()),
+    }
+    return loss, metrics
+
+
+@register_objective("rebel", RebelConfig)
+class Rebel:
+    """REBEL over pairs of consecutive samples of the same prompt."""
+
+    def __init__(self, config: RebelConfig) -> None:
+        self.config = config
+
+    def check(self, run: RunConfig) -> None:
+        if run.sample.samples_per_prompt % 2:
+            raise ConfigError(
+                "rebel compares pairs of samples of one prompt: sample.samples_per_prompt must be "
+                f"even (2 is usual), got {run.sample.samples_per_prompt}."
+            )
+        if run.sample.eta <= 0:
+            raise ConfigError("rebel needs a stochastic sampler: sample.eta must be > 0.")
+
+    def _targets(self, batch: Rollout) -> Tensor:
+        values = batch.advantages if self.config.target == "advantage" else batch.rewards
+        if values is None:
+            raise ValueError(f"rebel target {self.config.target!r} is not set on the batch.")
+        return values.float()
+
+    def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
+        if len(batch) % 2:
+            raise ValueError(f"rebel needs an even minibatch of consecutive pairs, got {len(batch)} samples.")
+        if batch.prompts[0::2] != batch.prompts[1::2]:
+            raise ValueError("rebel pairs (consecutive samples) must share their prompt.")
+        all_steps = torch.arange(batch.num_steps, device=batch.log_probs.device)
+        mask = batch.step_mask.float()  # (B, T)
+        targets = self._targets(batch)  # (B,)
+
+        # Pass 1, no grad: the chain log-ratios and the residual of every pair.
+        with torch.no_grad():
+            log_probs = policy.step_log_prob(batch, all_steps)  # (B, T)
+        log_ratio = ((log_probs - batch.log_probs) * mask).sum(dim=1)  # (B,)
+        pairs = (log_ratio[0::2], log_ratio[1::2], targets[0::2], targets[1::2], self.config.eta)
+        _, metrics = rebel_loss(*pairs)
+        residual = rebel_residual(*pairs)  # (P,)
+        # d loss / d log pi_t(y) = 2 residual / (eta P), and the opposite for y'.
+        weight = (2 * residual / (self.config.eta * residual.numel())).repeat_interleave(2)  # (B,)
+        weight[1::2] *= -1
+
+        # Pass 2: one piece per step; its gradient is that step's share of the exact gradient.
+        for step in range(batch.num_steps):
+            step_log_prob = policy.step_log_prob(batch, all_steps[step : step + 1])[:, 0]  # (B,)
+            surrogate = (weight * mask[:, step] * step_log_prob).sum()  # ()
+            yield LossOutput(surrogate, metrics if step == 0 else {})
