@@ -69,6 +69,23 @@ class Policy(Protocol):
         """
         ...
 
+    def matching_loss_and_divergence(
+        self,
+        rollout: Rollout,
+        *,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) :meth:`matching_loss` and (B,) a divergence of the current model's outputs from
+        the reference model's at the same inputs (diffusion: mean squared difference of the
+        denoiser outputs), WITH grad through the current model. One forward pass of each."""
+        ...
+
+    def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) float in [0, 1]: the noise level of the policy's timesteps (t / N for DDPM
+        schedules, sigma for flow matching); objectives weight by it."""
+        ...
+
     def reference(self) -> AbstractContextManager[None]:
         """Inside this context every forward pass uses the frozen reference weights."""
         ...

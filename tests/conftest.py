@@ -16,6 +16,7 @@ def tiny_train_overrides() -> list[str]:
         "sample.batch_size=2",
         "sample.num_batches_per_epoch=1",
         "sample.guidance_scale=1.5",
+        "sample.samples_per_prompt=2",  # one pair or group; REBEL needs pairs
         "train.batch_size=2",
         "epochs=1",
         "grid.seeds=[0]",

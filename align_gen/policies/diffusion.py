@@ -34,6 +34,11 @@ Tensor = torch.Tensor
 MODEL_CARD_FILE = "align_gen_model.json"
 
 
+def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) mean over non-batch elements of (a - b)^2."""
+    return (a - b).pow(2).flatten(1).mean(dim=1)
+
+
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
     """uncond + scale * (cond - uncond) (Ho & Salimans 2022); every policy uses this one."""
     return uncond + scale * (cond - uncond)
@@ -263,17 +268,13 @@ class DiffusionPolicy:
             columns.append(log_prob)
         return torch.stack(columns, dim=1)
 
-    def matching_loss(
-        self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None
-    ) -> Tensor:
-        """(B,) the denoising MSE on the clean latents at training timesteps ``t`` (B,) in
-        [0, num_train_timesteps); uniform weighting over elements; no CFG (conditional branch)."""
+    def noise_level(self, timesteps: Tensor) -> Tensor:
+        """(B,) float in [0, 1]: how noisy the scheduler's integer ``timesteps`` are (t / N)."""
+        return timesteps.float() / self.scheduler.config.num_train_timesteps
+
+    def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(prediction, target), both (B, C, h, w) float32, of the denoising loss at ``t``."""
         clean = rollout.final_samples
-        batch = clean.shape[0]
-        if t is None:
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=self.device)
-        if noise is None:
-            noise = torch.randn_like(clean)
         noisy = self.scheduler.add_noise(clean, noise, t)
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -285,7 +286,36 @@ class DiffusionPolicy:
         prediction = self.denoiser(
             noisy.to(self.unet_dtype), t, rollout.conditioning["prompt_embeds"].to(self.unet_dtype)
         ).sample.float()
-        return (prediction - target.float()).pow(2).flatten(1).mean(dim=1)
+        return prediction, target.float()
+
+    def _matching_inputs(self, rollout: Rollout, t: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        clean = rollout.final_samples
+        if t is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=self.device)
+        return t, torch.randn_like(clean) if noise is None else noise
+
+    def matching_loss(
+        self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """(B,) the denoising MSE on the clean latents at training timesteps ``t`` (B,) in
+        [0, num_train_timesteps); uniform weighting over elements; no CFG (conditional branch)."""
+        t, noise = self._matching_inputs(rollout, t, noise)
+        prediction, target = self._matching_prediction(rollout, t, noise)
+        return _per_sample_mse(prediction, target)
+
+    def matching_loss_and_divergence(
+        self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(B,) matching loss as :meth:`matching_loss`, and (B,) the divergence from the
+        reference model at the same inputs: mean (prediction - reference prediction)^2, with
+        grad through the current prediction only."""
+        t, noise = self._matching_inputs(rollout, t, noise)
+        # The reference pass comes first: for a fully fine-tuned UNet, entering reference()
+        # swaps weights in place, which must not happen while a graph holds the current ones.
+        with torch.no_grad(), self.reference():
+            reference_prediction, _ = self._matching_prediction(rollout, t, noise)
+        prediction, target = self._matching_prediction(rollout, t, noise)
+        return _per_sample_mse(prediction, target), _per_sample_mse(prediction, reference_prediction)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
