@@ -12,12 +12,18 @@ import math
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 Tensor = torch.Tensor
 Reduce = Literal["mean", "sum"]
 
-__all__ = ["Reduce", "ddim_step_with_logprob", "gaussian_log_prob"]
+__all__ = [
+    "Reduce",
+    "ddim_step_with_logprob",
+    "flow_sde_step_with_logprob",
+    "flow_sigmas",
+    "gaussian_log_prob",
+]
 
 _REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 _PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -250,4 +256,183 @@ def ddim_step_with_logprob(
 
     # 7. log pi(x_{t-1} | x_t) under N(mean, sigma_t^2), in float32
     log_prob = gaussian_log_prob(scored, mean, sigma_t, reduce=reduce)  # (B,)
+    return prev_sample, log_prob
+
+
+def flow_sigmas(
+    scheduler: FlowMatchEulerDiscreteScheduler, step_index: int | Tensor
+) -> tuple[Tensor, Tensor]:
+    """The flow times (sigma, sigma_next) = ``scheduler.sigmas[i]``, ``[i + 1]`` of step i.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps``; only its sigmas
+            are read (its step counter is neither used nor changed).
+        step_index: i, the position in ``scheduler.timesteps`` (not a timestep value): an int,
+            a 0-d tensor, or a (B,) integer tensor when each sample sits at its own step.
+
+    Returns:
+        sigma, sigma_next: float32 CPU tensors, 0-d or (B,) like ``step_index``.
+    """
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("The scheduler has no sampling grid: call set_timesteps(n) first.")
+    index = torch.as_tensor(step_index).cpu()
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"step_index must be an integer position, not a timestep: {index.dtype}.")
+    num_steps = len(scheduler.sigmas) - 1
+    if bool(((index < 0) | (index >= num_steps)).any()):
+        raise ValueError(f"step_index must lie in [0, {num_steps}), got {index.tolist()}.")
+    sigmas = scheduler.sigmas.to("cpu", torch.float32)  # (num_steps + 1,), ends with 0
+    return sigmas[index], sigmas[index + 1]
+
+
+def _check_flow_inputs(
+    model_output: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    sample: Tensor,
+    noise_level: float,
+    prev_sample: Tensor | None,
+    reduce: str,
+    return_log_prob: bool,
+) -> tuple[Tensor, Tensor]:
+    """Raises a ValueError for every input ``flow_sde_step_with_logprob`` cannot handle; returns
+    the flow times as (B,) float64 CPU tensors (sigma, sigma_next)."""
+    if not noise_level >= 0:  # also catches NaN
+        raise ValueError(f"noise_level must be >= 0 (0 = deterministic ODE), got {noise_level}.")
+    if return_log_prob and noise_level == 0:
+        raise ValueError(
+            "noise_level=0 is the deterministic Euler (ODE) step, which has no log-density: pass "
+            "return_log_prob=False to take it (evaluation), or noise_level > 0 (Flow-GRPO: 0.7)."
+        )
+    if prev_sample is not None and not return_log_prob:
+        raise ValueError("prev_sample is given only to be re-scored: keep return_log_prob=True.")
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    if sample.ndim < 2:
+        raise ValueError(f"sample must be (B, ...) with >= 2 dims, got {tuple(sample.shape)}.")
+    for name, other in (("model_output", model_output), ("prev_sample", prev_sample)):
+        if other is not None and other.shape != sample.shape:
+            raise ValueError(f"{name} shape {tuple(other.shape)} != sample {tuple(sample.shape)}.")
+    batch = sample.shape[0]
+    s, s_next = (torch.as_tensor(v, dtype=torch.float64).cpu() for v in (sigma, sigma_next))
+    if s.shape not in ((), (batch,)) or s_next.shape not in ((), (batch,)):
+        raise ValueError(
+            f"sigma and sigma_next must be scalars or of shape (B,) = ({batch},), got "
+            f"{tuple(s.shape)} and {tuple(s_next.shape)}."
+        )
+    s, s_next = s.expand(batch), s_next.expand(batch)
+    if not bool(((s > 0) & (s <= 1)).all()):  # also catches NaN
+        raise ValueError(
+            f"sigma must lie in (0, 1] (the flow time, 1 = pure noise), got {s.tolist()}; pass "
+            "scheduler.sigmas[i] (see flow_sigmas), not scheduler.timesteps[i] = 1000 * sigma."
+        )
+    if not bool(((s_next >= 0) & (s_next < s)).all()):
+        raise ValueError(
+            f"sigma_next must lie in [0, sigma) (steps go from noise toward data; a zero-length "
+            f"step has std 0), got sigma={s.tolist()}, sigma_next={s_next.tolist()}."
+        )
+    return s, s_next
+
+
+# Adapted from diffusers 0.42.1 FlowMatchEulerDiscreteScheduler.step (its Euler update is the
+# noise_level = 0 case), made stateless and per-sample, plus the Flow-GRPO SDE and log-probs.
+def flow_sde_step_with_logprob(
+    model_output: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    sample: Tensor,
+    noise_level: float = 0.7,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    reduce: Reduce = "mean",
+    return_log_prob: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """One step x_sigma -> x_sigma_next of the rectified-flow SDE and its log-probability.
+
+    For SD3/FLUX-style models predicting the velocity v of x_sigma = (1 - sigma) x0 + sigma eps.
+    Samples x_next ~ N(mean, std^2 I) when ``prev_sample`` is None (rollout), else re-scores the
+    given one (training); as in :func:`ddim_step_with_logprob`, gradients reach ``model_output``
+    through the mean while a sampled x_next is held fixed inside the log-prob.
+
+    Design decisions:
+    - No scheduler argument: the step needs only the two flow times, which the policy looks up
+      with :func:`flow_sigmas` (any shift or custom schedule ends up in ``scheduler.sigmas``), so
+      per-sample steps come free and diffusers' stateful step counter is never touched.
+    - sigma = 1 guard: std_t = a sqrt(sigma / (1 - sigma)) is infinite at sigma = 1, the first
+      step. There 1 - sigma is replaced by 1 - sigma_next = |dt|, so that step's std is exactly
+      ``noise_level``: the Flow-GRPO anchor's choice (it uses sigmas[1]). Only sigma == 1 is
+      guarded; diffusers' schedules start at exactly 1.0.
+    - noise_level = 0 is the deterministic ODE for evaluation. It has no density, so it needs
+      ``return_log_prob=False``; it draws no noise and equals diffusers' Euler ``step``.
+    - The last step (sigma_next = 0) has a finite but very sharp Gaussian: it is computed here,
+      and the flow policy marks it False in ``Rollout.step_mask`` (excluded from training).
+
+    Args:
+        model_output: (B, ...) the predicted velocity v, with guidance already applied.
+        sigma: the current flow time in (0, 1]: a float, a 0-d or a (B,) float tensor.
+        sigma_next: the next flow time in [0, sigma), in the same forms.
+        sample: (B, ...) the current latent x_sigma.
+        noise_level: a >= 0 in std_t = a sqrt(sigma / (1 - sigma)); 0.7 is Flow-GRPO's default.
+        prev_sample: (B, ...) a stored x_next to re-score, or None to sample one.
+        generator: seeds z, drawn in float32 on its device, then moved to ``sample``'s device.
+        reduce: "mean" over latent elements or "sum", as in :func:`ddim_step_with_logprob`.
+        return_log_prob: False returns None for the log-prob; required when noise_level = 0.
+
+    Returns:
+        prev_sample: (B, ...) x_next in ``sample``'s dtype (the given one when re-scoring).
+        log_prob: (B,) float32 log pi(x_next | x_sigma, c), or None if not ``return_log_prob``.
+
+    Raises:
+        ValueError: noise_level < 0 or = 0 with log-probs, mismatched shapes, or sigmas outside
+            0 <= sigma_next < sigma <= 1.
+    """
+    s, s_next = _check_flow_inputs(
+        model_output, sigma, sigma_next, sample, noise_level, prev_sample, reduce, return_log_prob
+    )  # (B,) float64 CPU flow times each
+
+    # The marginal-preserving SDE of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470, "ODE to SDE"):
+    # dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw from t = 1 to 0, by Euler-Maruyama.
+    # Notation (<variable name> -> <symbol in the paper>):
+    # - s, s_next -> t, t + dt (dt < 0); x -> x_t; v -> v_theta(x_t, t); a -> noise_level
+    # - std_t -> sigma_t = a sqrt(t / (1 - t)); std -> sigma_t sqrt(|dt|); prev_sample -> x_{t+dt}
+    # - eps_hat = x + (1 - t) v, the predicted noise: sigma_t^2/(2t) eps_hat is -sigma_t^2/2 times
+    #   the score -eps_hat / t, the term that keeps the ODE's marginals
+
+    # 1. the per-sample step dt, in float64 on CPU like the DDIM kernel's scalars (it then rounds
+    # to the very float32 dt diffusers computes)
+    dt = s_next - s  # (B,) < 0
+
+    # 2. sigma_t with the sigma = 1 guard, the drift coefficient sigma_t^2/(2t), the step's std
+    std_t = noise_level * (s / torch.where(s >= 1, 1 - s_next, 1 - s)).sqrt()  # (B,)
+    drift_coef = std_t**2 / (2 * s)  # (B,)
+    std = std_t * (-dt).sqrt()  # (B,)
+    if return_log_prob and not bool((std.float() > 0).all()):
+        raise ValueError(f"The step's std {std.tolist()} underflows float32: no log-density.")
+    view = (-1,) + (1,) * (sample.ndim - 1)
+    dt, drift_coef, std, one_minus_s = (
+        value.to(sample.device, torch.float32).view(view) for value in (dt, drift_coef, std, 1 - s)
+    )  # each (B, 1, ..., 1)
+
+    # 3. the mean x + [v + sigma_t^2/(2t) eps_hat] dt (x + v dt, the Euler step, when a = 0)
+    x, v = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
+    eps_hat = x + one_minus_s * v  # (B, ...)
+    mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
+
+    # 4. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
+    if prev_sample is None:
+        next_sample = mean
+        if noise_level > 0:
+            device = generator.device if generator is not None else sample.device
+            z = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+            next_sample = mean + std * z.to(sample.device)
+        prev_sample = next_sample.to(sample.dtype)  # (B, ...)
+        scored = prev_sample.detach()  # a fixed point: exactly what a re-score sees
+    else:
+        scored = prev_sample
+    if not return_log_prob:
+        return prev_sample, None
+
+    # 5. log pi(x_next | x_sigma) under N(mean, std^2), in float32
+    log_prob = gaussian_log_prob(scored, mean, std, reduce=reduce)  # (B,)
     return prev_sample, log_prob

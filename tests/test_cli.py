@@ -121,7 +121,7 @@ def train_args(tmp_path: Path, *overrides: str) -> list[str]:
         (["sample.num_steps=abc"], ["sample.num_steps must be of type int, got 'abc' (str)"]),
         (["model.lora.enabled=3"], ["model.lora.enabled must be of type bool"]),
         (["model.dtype=float64"], ["model.dtype must be one of 'float32', 'float16', 'bfloat16'"]),
-        (["objective.name=dpo"], ["unknown objective 'dpo'", "Valid: ddpo"]),
+        (["objective.name=dpo"], ["unknown objective 'dpo'", "Valid: ", "ddpo"]),
         (["sample.batch_size=3", "sample.samples_per_prompt=2"], ["must be a multiple of"]),
         (["epochs"], ["override 'epochs' must look like key.sub=value"]),
     ],
