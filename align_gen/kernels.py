@@ -399,11 +399,9 @@ def flow_sde_step_with_logprob(
     # - eps_hat = x + (1 - t) v, the predicted noise: sigma_t^2/(2t) eps_hat is -sigma_t^2/2 times
     #   the score -eps_hat / t, the term that keeps the ODE's marginals
 
-    # 1. the per-sample step dt, in float64 on CPU like the DDIM kernel's scalars (it then rounds
-    # to the very float32 dt diffusers computes)
+    # 1. per-sample scalars in float64 on CPU, like the DDIM kernel's (dt then rounds to the very
+    # float32 dt diffusers uses): dt, sigma_t with the sigma = 1 guard, sigma_t^2/(2t), the std
     dt = s_next - s  # (B,) < 0
-
-    # 2. sigma_t with the sigma = 1 guard, the drift coefficient sigma_t^2/(2t), the step's std
     std_t = noise_level * (s / torch.where(s >= 1, 1 - s_next, 1 - s)).sqrt()  # (B,)
     drift_coef = std_t**2 / (2 * s)  # (B,)
     std = std_t * (-dt).sqrt()  # (B,)
@@ -414,12 +412,12 @@ def flow_sde_step_with_logprob(
         value.to(sample.device, torch.float32).view(view) for value in (dt, drift_coef, std, 1 - s)
     )  # each (B, 1, ..., 1)
 
-    # 3. the mean x + [v + sigma_t^2/(2t) eps_hat] dt (x + v dt, the Euler step, when a = 0)
+    # 2. the mean x + [v + sigma_t^2/(2t) eps_hat] dt (x + v dt, the Euler step, when a = 0)
     x, v = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
     eps_hat = x + one_minus_s * v  # (B, ...)
     mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
 
-    # 4. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
+    # 3. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
     if prev_sample is None:
         next_sample = mean
         if noise_level > 0:
@@ -433,6 +431,6 @@ def flow_sde_step_with_logprob(
     if not return_log_prob:
         return prev_sample, None
 
-    # 5. log pi(x_next | x_sigma) under N(mean, std^2), in float32
+    # 4. log pi(x_next | x_sigma) under N(mean, std^2), in float32
     log_prob = gaussian_log_prob(scored, mean, std, reduce=reduce)  # (B,)
     return prev_sample, log_prob
