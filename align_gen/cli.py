@@ -96,7 +96,8 @@ def _load_policy(args: argparse.Namespace):
     import torch
 
     from align_gen.config import ModelConfig, SampleConfig
-    from align_gen.policies.diffusion import MODEL_CARD_FILE, DiffusionPolicy
+    from align_gen.policies import build_policy
+    from align_gen.policies.common import MODEL_CARD_FILE
 
     model, lora = args.model, args.lora
     card = Path(model) / MODEL_CARD_FILE
@@ -106,7 +107,7 @@ def _load_policy(args: argparse.Namespace):
             model, lora = description["base_model"], lora or args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sample = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta)
-    return DiffusionPolicy.from_config(
+    return build_policy(
         ModelConfig(pretrained=model, dtype=args.dtype), sample, device, trainable=False, lora_path=lora
     )
 

@@ -56,6 +56,9 @@ class SampleConfig:
 
     num_steps: int = 50  # denoising steps (DDPO anchor: 50)
     eta: float = 1.0  # DDIM stochasticity; must be > 0 for log-probs (anchor: 1.0)
+    # Flow policies only (SD3): a in the flow SDE's std a * sqrt(sigma / (1 - sigma)); 0 = the
+    # deterministic ODE (evaluation; no log-probs to train on). Flow-GRPO / DESIGN default: 0.7.
+    noise_level: float = 0.7
     guidance_scale: float = 5.0  # classifier-free guidance; 1 disables it (anchor: 5.0)
     batch_size: int = 8  # rollouts per forward pass, per process
     num_batches_per_epoch: int = 4  # rollout batches per epoch, per process
@@ -148,6 +151,8 @@ class RunConfig:
         _check_positive(self, ["epochs", "save_every", "keep_checkpoints"])
         _check_positive(self.sample, ["num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt"], "sample")
         _check_positive(self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm"], "train")
+        if not self.sample.noise_level >= 0:
+            raise ConfigError(f"sample.noise_level must be >= 0 (0 = the ODE), got {self.sample.noise_level!r}.")
         if self.sample.batch_size % self.sample.samples_per_prompt:
             raise ConfigError(
                 f"sample.batch_size ({self.sample.batch_size}) must be a multiple of "

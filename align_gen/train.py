@@ -25,7 +25,7 @@ from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoin
 from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import RewardError
 from align_gen.objectives import build_objective
-from align_gen.policies.diffusion import DiffusionPolicy
+from align_gen.policies import DenoiserPolicy, build_policy
 from align_gen.prompts import load_prompts, sample_prompts
 from align_gen.tracking import METRICS_FILE, MetricsLog, plot_learning_curve
 from align_gen.types import Rollout
@@ -67,7 +67,7 @@ def train(config: RunConfig) -> TrainResult:
     if config.advantage.kind == "per_prompt":
         advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
     advantage_fn = build_advantage_fn(config.advantage.kind, **advantage_settings)
-    policy = DiffusionPolicy.from_config(config.model, config.sample, accelerator.device)
+    policy = build_policy(config.model, config.sample, accelerator.device)
     optimizer = build_optimizer(policy, config.train)
 
     start_epoch, global_step = 0, 0
@@ -79,7 +79,7 @@ def train(config: RunConfig) -> TrainResult:
         advantage_fn.load_state_dict(state["advantage"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         accelerator.print(f"resumed from {checkpoint} after epoch {start_epoch}")
-    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     log = MetricsLog(
         output_dir, start_epoch=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
@@ -159,7 +159,7 @@ def train(config: RunConfig) -> TrainResult:
     return _result(output_dir, final_model, curve, grids)
 
 
-def build_optimizer(policy: DiffusionPolicy, train_config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(policy: DenoiserPolicy, train_config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the policy's trainable parameters, as ``train:`` configures it."""
     return torch.optim.AdamW(
         list(policy.trainable_parameters()),
@@ -171,7 +171,7 @@ def build_optimizer(policy: DiffusionPolicy, train_config: TrainConfig) -> torch
 
 
 def collect_rollouts(
-    policy: DiffusionPolicy, prompts: list[str], config: RunConfig, generator: torch.Generator, accelerator: Accelerator
+    policy: DenoiserPolicy, prompts: list[str], config: RunConfig, generator: torch.Generator, accelerator: Accelerator
 ) -> Rollout:
     """``sample.num_batches_per_epoch`` batches of fresh samples from the current policy."""
     batches = []
@@ -203,7 +203,7 @@ def score(reward_fn, rollouts: Rollout) -> torch.Tensor:
 
 
 def update(
-    policy: DiffusionPolicy,
+    policy: DenoiserPolicy,
     objective,
     optimizer: torch.optim.Optimizer,
     rollouts: Rollout,
@@ -221,7 +221,7 @@ def update(
     counts: dict[str, int] = defaultdict(int)
     steps = 0
     parameters = list(policy.trainable_parameters())
-    policy.unet.train()
+    policy.model.train()
     group = config.sample.samples_per_prompt
     for _ in range(train_config.inner_epochs):
         # Shuffle whole groups (the samples of one prompt draw), so objectives that compare
@@ -244,7 +244,7 @@ def update(
                 sums["grad_norm"] += float(grad_norm)
                 counts["grad_norm"] += 1
                 steps += 1
-    policy.unet.eval()
+    policy.model.eval()
     metrics = {key: sums[key] / counts[key] for key in sums}
     if any(not math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"the update produced non-finite values: {metrics}; lower train.learning_rate.")

@@ -39,7 +39,7 @@ from harness import (
 
 from align_gen.config import RunConfig, from_dict
 from align_gen.objectives import build_objective
-from align_gen.policies.diffusion import DiffusionPolicy
+from align_gen.policies import build_policy
 from align_gen.prompts import load_prompts
 from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
 
@@ -98,11 +98,11 @@ def main() -> None:
     print_machine(machine)
     objective = build_objective(config.objective)
     objective.check(config)
-    policy = DiffusionPolicy.from_config(config.model, config.sample, device)
+    policy = build_policy(config.model, config.sample, device)
     optimizer = build_optimizer(policy, config.train)
-    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
-    total = sum(p.numel() for p in policy.unet.parameters())
+    total = sum(p.numel() for p in policy.model.parameters())
 
     generator = epoch_generator(config.seed, 0, accelerator.process_index)
     prompts = load_prompts(config.prompts.source)

@@ -38,7 +38,7 @@ from harness import (
 )
 
 from align_gen.config import ModelConfig, SampleConfig
-from align_gen.policies.diffusion import DiffusionPolicy
+from align_gen.policies import build_policy
 from align_gen.prompts import load_prompts
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
     )
-    policy = DiffusionPolicy.from_config(
+    policy = build_policy(
         ModelConfig(pretrained=args.model, dtype=dtype), sample_config, device, trainable=False
     )
     pipeline = policy.pipeline  # the same object, hence the same weights and modules

@@ -1,0 +1,56 @@
+"""Policies: one file per model family, and :func:`build_policy`, which picks the family from
+the loaded pipeline's class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from align_gen.config import ModelConfig, SampleConfig
+from align_gen.errors import ConfigError, MissingWeightsError
+from align_gen.policies.common import DenoiserPolicy
+from align_gen.policies.loading import dtype_from_name, load_pipeline
+
+__all__ = ["DenoiserPolicy", "build_policy"]
+
+
+def build_policy(
+    model_config: ModelConfig,
+    sample_config: SampleConfig,
+    device: torch.device | str = "cpu",
+    *,
+    trainable: bool = True,
+    lora_path: str | Path | None = None,
+) -> DenoiserPolicy:
+    """Loads ``model_config.pretrained`` and wraps it in the policy of its family:
+    StableDiffusionPipeline -> DiffusionPolicy (UNet, DDIM), StableDiffusion3Pipeline ->
+    FlowPolicy (flow transformer, flow SDE). ``lora_path`` applies trained LoRA weights first.
+
+    Raises:
+        MissingWeightsError: the model or ``lora_path`` cannot be found.
+        ConfigError: the pipeline's class has no policy.
+    """
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    from align_gen.policies.diffusion import DiffusionPolicy
+    from align_gen.policies.flow import FlowPolicy
+
+    pipeline = load_pipeline(
+        model_config.pretrained,
+        revision=model_config.revision,
+        variant=model_config.variant,
+        dtype=dtype_from_name(model_config.dtype),
+    )
+    families = {StableDiffusionPipeline: DiffusionPolicy, StableDiffusion3Pipeline: FlowPolicy}
+    policy_class = next((policy for kind, policy in families.items() if isinstance(pipeline, kind)), None)
+    if policy_class is None:
+        raise ConfigError(
+            f"model.pretrained={model_config.pretrained!r} is a {type(pipeline).__name__}, which has no "
+            f"policy; supported: {', '.join(kind.__name__ for kind in families)}."
+        )
+    if lora_path is not None:
+        if not Path(lora_path).exists():
+            raise MissingWeightsError(f"LoRA weights not found: {lora_path}")
+        pipeline.load_lora_weights(str(lora_path))
+    return policy_class(pipeline, model_config, sample_config, device, trainable=trainable)

@@ -71,15 +71,49 @@ def build_clip_tokenizer():
     return CLIPTokenizer(vocab, merges, model_max_length=77)
 
 
+def _tiny_clip_text_config():
+    """A 2-layer, width-32 CLIP text encoder on the real CLIP vocabulary (projection 32)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def _tiny_vae(latent_channels: int, sample_size: int, **options):
+    """A two-level AutoencoderKL (widths 16, 32): images of ``sample_size`` px, latents half that."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        **options,
+    )
+
+
 def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
     """A random tiny SD pipeline: 64 px images, 32x32x4 latents, ~1M parameters."""
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -95,29 +129,8 @@ def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -138,23 +151,81 @@ def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
     )
 
 
-BUILTIN_MODELS = {"tiny-random-sd": build_tiny_random_sd}
+def _tiny_clip_with_projection(seed: int):
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_tiny_clip_text_config())
 
 
-def load_sd_pipeline(
+def build_tiny_random_sd3(seed: int = 0, sample_size: int = 32):
+    """A random tiny SD3 pipeline: 64 px images, 32x32x16 latents, ~0.5M parameters.
+
+    Two CLIP text encoders with projection (their pooled outputs, 32 + 32, make the
+    transformer's pooled_projection_dim 64; their concatenated hidden states fill
+    joint_attention_dim 64) and no T5 (``text_encoder_3=None``: diffusers' ``encode_prompt``
+    then uses zeros for the T5 tokens, as a real SD3 loaded without T5 does).
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=sample_size,
+    )
+    # SD3's VAE: 16 latent channels, shifted and scaled latents (SD3's own factors), no quant convs.
+    vae = _tiny_vae(
+        latent_channels=16,
+        sample_size=sample_size * 2,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_tiny_clip_with_projection(seed + 1),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=_tiny_clip_with_projection(seed + 2),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+BUILTIN_MODELS = {"tiny-random-sd": build_tiny_random_sd, "tiny-random-sd3": build_tiny_random_sd3}
+
+
+def load_pipeline(
     pretrained: str,
     *,
     revision: str | None = None,
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """A StableDiffusionPipeline from a built-in name, a local folder or a hub id.
+    """A diffusers pipeline from a built-in name, a local folder or a hub id; its class comes
+    from the model's ``model_index.json`` (StableDiffusionPipeline, StableDiffusion3Pipeline, ...).
 
     Raises:
         MissingWeightsError: the folder does not exist, or the hub id is not cached and the
             hub cannot be reached; the message names what to provide.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     if pretrained.startswith(BUILTIN_PREFIX):
         name = pretrained[len(BUILTIN_PREFIX) :]
@@ -169,7 +240,7 @@ def load_sd_pipeline(
     if looks_local and not Path(pretrained).expanduser().is_dir():
         raise MissingWeightsError(f"model folder not found: {pretrained}")
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return DiffusionPipeline.from_pretrained(
             pretrained,
             revision=revision,
             variant=variant,

@@ -1,0 +1,292 @@
+"""What every denoising policy shares, whatever its denoiser (UNet or flow transformer).
+
+:class:`DenoiserPolicy` holds the trainable-weights machinery (LoRA adapters through diffusers'
+adapter API, or the whole denoiser with a stored copy of its initial weights as the reference),
+classifier-free guidance (:func:`classifier_free_guidance`, the only place CFG is written, run
+as ONE batched forward of 2B), re-scoring of stored transitions, the matching losses and saving.
+A subclass supplies the model-specific pieces: prompt encoding, one denoiser forward pass, the
+transition kernel of one step, and the matching loss's noising and target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from align_gen.config import ModelConfig, SampleConfig
+from align_gen.errors import ConfigError
+from align_gen.types import Rollout
+
+Tensor = torch.Tensor
+
+# Written next to a saved model: which base model a LoRA folder belongs to.
+MODEL_CARD_FILE = "align_gen_model.json"
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) mean over non-batch elements of (a - b)^2."""
+    return (a - b).pow(2).flatten(1).mean(dim=1)
+
+
+def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+    """uncond + scale * (cond - uncond) (Ho & Salimans 2022); every policy uses this one."""
+    return uncond + scale * (cond - uncond)
+
+
+class DenoiserPolicy:
+    """The shared half of a diffusion-family :class:`~align_gen.policy.Policy`.
+
+    Subclasses set ``model`` (the denoiser module; ``denoiser`` is what forward passes go
+    through: the model itself or the wrapper the trainer's accelerator puts around it),
+    ``pipeline``, ``model_config``, ``sample_config`` and ``device``, call
+    :meth:`_configure_model`, and implement the abstract methods below.
+    """
+
+    # The conditioning tensors one forward pass takes; CFG also needs "negative_" + each of them.
+    conditioning_keys: tuple[str, ...] = ("prompt_embeds",)
+    # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
+    lora_layers_argument = "unet_lora_layers"
+
+    pipeline: object
+    vae: torch.nn.Module
+    resolution: int
+    model: torch.nn.Module
+    denoiser: torch.nn.Module
+    model_config: ModelConfig
+    sample_config: SampleConfig
+    device: torch.device
+
+    # ----------------------------------------------------------------------------------------
+    # what a subclass supplies
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        """(B, C, h, w) float32 output of one denoiser pass, ``conditioning`` keyed as
+        :attr:`conditioning_keys`, without guidance."""
+        raise NotImplementedError
+
+    def _step(
+        self, model_output: Tensor, latents: Tensor, step_index: Tensor, timesteps: Tensor, prev_latents: Tensor
+    ) -> Tensor:
+        """(B,) float32 log-prob of the stored transition latents -> prev_latents at (B,) step
+        indices / timesteps, through the sampler's own kernel."""
+        raise NotImplementedError
+
+    def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(prediction, target), both (B, C, h, w) float32, of the pre-training loss at ``t``."""
+        raise NotImplementedError
+
+    def _random_matching_timesteps(self, batch: int) -> Tensor:
+        """(B,) training timesteps drawn when matching_loss gets none."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------
+    # set-up
+
+    def _attach(
+        self, pipeline, model_config: ModelConfig, sample_config: SampleConfig, device: torch.device | str, scheduler
+    ) -> None:
+        """Stores the configs and ``pipeline``, and puts ``scheduler`` (the sampler's own copy, so
+        the pipeline's is never touched) on its ``sample.num_steps`` grid."""
+        self.model_config = model_config
+        self.sample_config = sample_config
+        self.device = torch.device(device)
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.scheduler = scheduler
+        self.scheduler.set_timesteps(sample_config.num_steps, device=self.device)
+
+    def _configure_model(self, trainable: bool) -> None:
+        """Freezes the model, or makes LoRA adapters / the whole model trainable in float32."""
+        config = self.model_config
+        if config.attention == "xformers":
+            if self.device.type != "cuda":
+                raise ConfigError("model.attention=xformers needs a CUDA device; use sdpa on CPU.")
+            try:
+                self.model.enable_xformers_memory_efficient_attention()
+            except (ImportError, ModuleNotFoundError, ValueError) as error:
+                raise ConfigError(
+                    f"model.attention=xformers is not available ({error}); install the `gpu` "
+                    "extra (pip install 'align-gen[gpu]') or set model.attention=sdpa."
+                ) from None
+        self._reference_weights: dict[str, Tensor] | None = None
+        if not trainable:
+            self.model.requires_grad_(False).eval()
+            return
+        if config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        if config.lora.enabled:
+            from peft import LoraConfig as PeftLoraConfig
+
+            self.model.requires_grad_(False)
+            self.model.add_adapter(
+                PeftLoraConfig(
+                    r=config.lora.rank,
+                    lora_alpha=config.lora.alpha,
+                    lora_dropout=config.lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora.target_modules),
+                )
+            )
+        else:
+            self.model.requires_grad_(True)
+            # The frozen reference of a fully fine-tuned model: a CPU copy of the initial weights.
+            self._reference_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        # Trainable weights in float32 even when the frozen ones are half precision.
+        for param in self.trainable_parameters():
+            param.data = param.data.float()
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------------------------------
+    # the ends of sampling
+
+    def _start_sampling(
+        self, prompts: Sequence[str], images: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """(conditioning, (B, C, h, w) initial noise) for a text-to-image rollout of ``prompts``."""
+        if images is not None:
+            raise ValueError("A text-to-image policy takes no input images.")
+        if not prompts:
+            raise ValueError("sample() needs at least one prompt.")
+        side = self.resolution // self.vae_scale_factor
+        shape = (len(prompts), self.model.config.in_channels, side, side)
+        noise_device = generator.device if generator is not None else self.device
+        latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
+        return self.encode_prompts(prompts), latents
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, 3, H, W) float32 images in [0, 1] from (B, C, h, w) latents."""
+        config = self.vae.config
+        # SD3's VAE latents are shifted as well as scaled; SD1.x/2.x's have no shift_factor.
+        shift = getattr(config, "shift_factor", None) or 0.0
+        scaled = latents.to(self.vae.dtype) / config.scaling_factor + shift
+        images = self.vae.decode(scaled).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    # ----------------------------------------------------------------------------------------
+    # guidance and re-scoring
+
+    def _denoise(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        """The denoiser's output for (B, C, h, w) latents at (B,) timesteps, with CFG applied.
+
+        CFG runs as ONE batched forward of 2B (unconditional first), the same in sampling and
+        re-scoring, so both see the same batch composition.
+        """
+        keys = self.conditioning_keys
+        if "negative_" + keys[0] not in conditioning:
+            return self._forward(latents, timesteps, {k: conditioning[k] for k in keys})
+        doubled = {k: torch.cat([conditioning["negative_" + k], conditioning[k]]) for k in keys}
+        output = self._forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), doubled)
+        uncond_out, cond_out = output.chunk(2)
+        return classifier_free_guidance(uncond_out, cond_out, self.sample_config.guidance_scale)
+
+    def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
+        """(B, k) float32 log-probs of the stored transitions at ``steps`` ((k,) or (B, k) step
+        indices), WITH grad, through the same guidance and kernel as sampling."""
+        steps = torch.as_tensor(steps, device=self.device)
+        batch = len(rollout)
+        if steps.dim() == 1:
+            steps = steps.expand(batch, -1)
+        rows = torch.arange(batch, device=self.device)
+        columns = []
+        for j in range(steps.shape[1]):
+            index = steps[:, j]
+            latents = rollout.trajectory[rows, index]
+            timesteps = rollout.timesteps[rows, index]
+            model_output = self._denoise(latents, timesteps, rollout.conditioning)
+            columns.append(self._step(model_output, latents, index, timesteps, rollout.trajectory[rows, index + 1]))
+        return torch.stack(columns, dim=1)
+
+    # ----------------------------------------------------------------------------------------
+    # matching losses
+
+    def _matching_inputs(self, rollout: Rollout, t: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        clean = rollout.final_samples
+        if t is None:
+            t = self._random_matching_timesteps(clean.shape[0])
+        return t, torch.randn_like(clean) if noise is None else noise
+
+    def matching_loss(self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """(B,) the pre-training MSE on the clean latents at training timesteps ``t`` (B,);
+        uniform weighting over elements; no CFG (the conditional branch)."""
+        t, noise = self._matching_inputs(rollout, t, noise)
+        prediction, target = self._matching_prediction(rollout, t, noise)
+        return per_sample_mse(prediction, target)
+
+    def matching_loss_and_divergence(
+        self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(B,) matching loss as :meth:`matching_loss`, and (B,) the divergence from the
+        reference model at the same inputs: mean (prediction - reference prediction)^2, with
+        grad through the current prediction only."""
+        t, noise = self._matching_inputs(rollout, t, noise)
+        # The reference pass comes first: for a fully fine-tuned model, entering reference()
+        # swaps weights in place, which must not happen while a graph holds the current ones.
+        with torch.no_grad(), self.reference():
+            reference_prediction, _ = self._matching_prediction(rollout, t, noise)
+        prediction, target = self._matching_prediction(rollout, t, noise)
+        return per_sample_mse(prediction, target), per_sample_mse(prediction, reference_prediction)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Forward passes use the initial weights: adapters disabled, or the stored initial model."""
+        if self._reference_weights is None:
+            self.model.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.enable_adapters()
+            return
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self._reference_weights)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(current)
+
+    # ----------------------------------------------------------------------------------------
+    # persistence
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights only, keyed by parameter name (LoRA or the full model)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p.detach().cpu().contiguous() for p in self.trainable_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = set(self.trainable_state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save(self, path: str | Path) -> None:
+        """LoRA: diffusers LoRA weights (``pipe.load_lora_weights(path)``); full: a pipeline
+        folder (``<Pipeline>.from_pretrained(path)``). Both with an align_gen_model.json card."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        kind = "lora" if self.model_config.lora.enabled else "full"
+        description = {"base_model": self.model_config.pretrained, "kind": kind}
+        (path / MODEL_CARD_FILE).write_text(json.dumps(description, indent=1))
+        if kind == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+            type(self.pipeline).save_lora_weights(path, **{self.lora_layers_argument: layers})
+        else:
+            self.pipeline.save_pretrained(path, safe_serialization=True)
