@@ -363,7 +363,7 @@ def test_missing_and_empty_prompt_files(
     ("model", "fragment"),
     [
         ("./no/such/model", "model folder not found: ./no/such/model"),
-        ("align-gen:tiny-random-sdxl", "unknown built-in model 'align-gen:tiny-random-sdxl'"),
+        ("align-gen:tiny-random-flux", "unknown built-in model 'align-gen:tiny-random-flux'"),
     ],
 )
 def test_sample_missing_model(

@@ -21,7 +21,7 @@ OBJECTIVES = {
     "rebel": [],
     "awm": ["objective.num_timesteps=2"],
 }
-MODELS = ["tiny-random-sd", "tiny-random-sd3"]
+MODELS = ["tiny-random-sd", "tiny-random-sd3", "tiny-random-sdxl"]
 
 TINY = [
     "sample.num_steps=3",

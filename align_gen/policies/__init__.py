@@ -24,16 +24,21 @@ def build_policy(
     lora_path: str | Path | None = None,
 ) -> DenoiserPolicy:
     """Loads ``model_config.pretrained`` and wraps it in the policy of its family:
-    StableDiffusionPipeline -> DiffusionPolicy (UNet, DDIM), StableDiffusion3Pipeline ->
-    FlowPolicy (flow transformer, flow SDE). ``lora_path`` applies trained LoRA weights first.
+    StableDiffusionPipeline -> DiffusionPolicy (UNet, DDIM), StableDiffusionXLPipeline ->
+    SDXLPolicy (UNet with added conditioning, DDIM), StableDiffusion3Pipeline -> FlowPolicy
+    (flow transformer, flow SDE). ``lora_path`` applies trained LoRA weights first.
 
     Raises:
         MissingWeightsError: the model or ``lora_path`` cannot be found.
         ConfigError: the pipeline's class has no policy.
     """
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    from align_gen.policies.diffusion import DiffusionPolicy
+    from align_gen.policies.diffusion import DiffusionPolicy, SDXLPolicy
     from align_gen.policies.flow import FlowPolicy
 
     pipeline = load_pipeline(
@@ -42,7 +47,11 @@ def build_policy(
         variant=model_config.variant,
         dtype=dtype_from_name(model_config.dtype),
     )
-    families = {StableDiffusionPipeline: DiffusionPolicy, StableDiffusion3Pipeline: FlowPolicy}
+    families = {
+        StableDiffusionPipeline: DiffusionPolicy,
+        StableDiffusionXLPipeline: SDXLPolicy,
+        StableDiffusion3Pipeline: FlowPolicy,
+    }
     policy_class = next((policy for kind, policy in families.items() if isinstance(pipeline, kind)), None)
     if policy_class is None:
         raise ConfigError(

@@ -11,6 +11,11 @@ more than DDPO's 1e-4 clip range; the trainer keeps them equal by default).
 Trainable weights are LoRA adapters (peft, through diffusers' adapter API) or the whole UNet.
 The VAE and the text encoder are frozen. Log-probs are computed in float32 whatever the
 weights' dtype.
+
+:class:`SDXLPolicy` is the same policy for Stable Diffusion XL: two text encoders (through the
+pipeline's ``encode_prompt``), and the UNet's added conditioning (pooled text embeds and the
+size / crop time ids) carried in the conditioning dict, so CFG, re-scoring and the matching loss
+pass it exactly as they pass the prompt embeddings.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from align_gen.types import Rollout
 
 Tensor = torch.Tensor
 
-__all__ = ["MODEL_CARD_FILE", "DiffusionPolicy", "classifier_free_guidance"]
+__all__ = ["MODEL_CARD_FILE", "DiffusionPolicy", "SDXLPolicy", "classifier_free_guidance"]
 
 
 class DiffusionPolicy(DenoiserPolicy):
@@ -159,3 +164,68 @@ class DiffusionPolicy(DenoiserPolicy):
             target = clean
         prediction = self._forward(noisy, t, rollout.conditioning)
         return prediction, target.float()
+
+
+class SDXLPolicy(DiffusionPolicy):
+    """A StableDiffusionXLPipeline behind the :class:`~align_gen.policy.Policy` protocol.
+
+    Sampling, re-scoring (DDIM with log-prob, whatever scheduler the pipeline ships), the
+    matching loss, LoRA and saving are :class:`DiffusionPolicy`'s; only prompt encoding and the
+    UNet call differ. Images are generated at ``resolution`` with no crop, so the time ids are
+    (resolution, resolution, 0, 0, resolution, resolution), as the pipeline's default call uses.
+    """
+
+    conditioning_keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+
+    def __init__(
+        self,
+        pipeline,
+        model_config: ModelConfig,
+        sample_config: SampleConfig,
+        device: torch.device | str = "cpu",
+        *,
+        trainable: bool = True,
+    ) -> None:
+        """Wraps ``pipeline``; ``trainable=False`` freezes everything (sampling, evaluation)."""
+        super().__init__(pipeline, model_config, sample_config, device, trainable=trainable)
+        self.text_encoder_2 = pipeline.text_encoder_2.requires_grad_(False).eval().to(self.device)
+
+    def _time_ids(self, batch: int) -> Tensor:
+        """(B, 6) float32 SDXL micro-conditioning: original size, crop top-left, target size."""
+        side = self.resolution
+        return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=self.device).expand(batch, -1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """{"prompt_embeds": (B, L, D1 + D2), "pooled_prompt_embeds": (B, P), "add_time_ids":
+        (B, 6)} and, with CFG, the same three keys prefixed "negative_", from the pipeline's
+        ``encode_prompt``."""
+        prompts = list(prompts)
+        guided = self.sample_config.guidance_scale > 1.0
+        negative = [self.sample_config.negative_prompt] * len(prompts)
+        embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=prompts,
+            device=self.device,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative,
+            negative_prompt_2=negative,
+        )
+        time_ids = self._time_ids(len(prompts)).contiguous()
+        conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "add_time_ids": time_ids}
+        if guided:
+            conditioning.update(
+                negative_prompt_embeds=negative_embeds,
+                negative_pooled_prompt_embeds=negative_pooled,
+                negative_add_time_ids=time_ids.clone(),
+            )
+        return conditioning
+
+    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        dtype = self.unet_dtype
+        added = {
+            "text_embeds": conditioning["pooled_prompt_embeds"].to(dtype),
+            "time_ids": conditioning["add_time_ids"].to(dtype),
+        }
+        embeds = conditioning["prompt_embeds"].to(dtype)
+        return self.denoiser(latents.to(dtype), timesteps, embeds, added_cond_kwargs=added).sample.float()

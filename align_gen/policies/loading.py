@@ -5,7 +5,8 @@ AutoencoderKL, UNet2DConditionModel, DDIM scheduler) of about 1M parameters with
 weights, built deterministically from a seed and with no download. Tests, CI and the offline
 demo use it: every code path is the one a real SD1.5 checkpoint takes, only smaller. Its
 tokenizer is a transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships,
-so it produces the same ids as the real SD tokenizer.
+so it produces the same ids as the real SD tokenizer. ``align-gen:tiny-random-sd3`` and
+``align-gen:tiny-random-sdxl`` are the same idea for Stable Diffusion 3 and Stable Diffusion XL.
 """
 
 from __future__ import annotations
@@ -208,7 +209,61 @@ def build_tiny_random_sd3(seed: int = 0, sample_size: int = 32):
     )
 
 
-BUILTIN_MODELS = {"tiny-random-sd": build_tiny_random_sd, "tiny-random-sd3": build_tiny_random_sd3}
+def build_tiny_random_sdxl(seed: int = 0, sample_size: int = 32):
+    """A random tiny SDXL pipeline: 64 px images, 32x32x4 latents, ~1.5M parameters.
+
+    Two CLIP text encoders (the second with projection), whose hidden states, 32 + 32, fill the
+    UNet's cross_attention_dim 64 and whose pooled output (32) joins the six size / crop time
+    ids (8 each) in the UNet's "text_time" added embedding (6 * 8 + 32 = 80 inputs). The
+    scheduler is DDIM on SD's schedule, which the policy samples with anyway.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=_tiny_clip_with_projection(seed + 2),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+BUILTIN_MODELS = {
+    "tiny-random-sd": build_tiny_random_sd,
+    "tiny-random-sd3": build_tiny_random_sd3,
+    "tiny-random-sdxl": build_tiny_random_sdxl,
+}
 
 
 def load_pipeline(
