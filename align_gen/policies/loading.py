@@ -107,17 +107,11 @@ def _tiny_vae(latent_channels: int, sample_size: int, **options):
     )
 
 
-def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
-    """A random tiny SD pipeline: 64 px images, 32x32x4 latents, ~1M parameters."""
-    from diffusers import (
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel
+def _tiny_unet(sample_size: int, cross_attention_dim: int, **extra):
+    """A ~1M-parameter UNet2DConditionModel; ``extra`` adds e.g. SDXL's size conditioning."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -126,13 +120,18 @@ def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
         # Cross-attention only at the lowest resolution keeps attention cheap on a CPU.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
+        **extra,
     )
-    vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
-    text_encoder = CLIPTextModel(_tiny_clip_text_config())
-    scheduler = DDIMScheduler(
+
+
+def _sd_ddim_scheduler():
+    """DDIM on Stable Diffusion's training schedule (scaled-linear betas, no clipping)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -140,6 +139,20 @@ def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
+    """A random tiny SD pipeline: 64 px images, 32x32x4 latents, ~1M parameters."""
+    from diffusers import (
+        StableDiffusionPipeline,
+    )
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(sample_size, cross_attention_dim=32)
+    vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
+    scheduler = _sd_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -217,21 +230,13 @@ def build_tiny_random_sdxl(seed: int = 0, sample_size: int = 32):
     ids (8 each) in the UNet's "text_time" added embedding (6 * 8 + 32 = 80 inputs). The
     scheduler is DDIM on SD's schedule, which the policy samples with anyway.
     """
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
+        sample_size,
         cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,
@@ -239,14 +244,7 @@ def build_tiny_random_sdxl(seed: int = 0, sample_size: int = 32):
     vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_tiny_clip_text_config())
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = _sd_ddim_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
