@@ -70,7 +70,7 @@ class DiffusionPolicy(DenoiserPolicy):
         # diffusers' ModelMixin.dtype walks every submodule (1-4 ms per read at SD1.5 size, paid
         # on every denoising step); the dtype of the frozen weights never changes, so read it once.
         # conv_in is never a LoRA target, so its dtype is the one inputs must be cast to.
-        self.unet_dtype = self.unet.conv_in.weight.dtype
+        self.model_dtype = self.unet.conv_in.weight.dtype
         self.resolution = sample_config.resolution or self.unet.config.sample_size * self.vae_scale_factor
 
     # ----------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ class DiffusionPolicy(DenoiserPolicy):
         return conditioning
 
     def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
-        dtype = self.unet_dtype
+        dtype = self.model_dtype
         return self.denoiser(latents.to(dtype), timesteps, conditioning["prompt_embeds"].to(dtype)).sample.float()
 
     def _step(
@@ -222,7 +222,7 @@ class SDXLPolicy(DiffusionPolicy):
         return conditioning
 
     def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
-        dtype = self.unet_dtype
+        dtype = self.model_dtype
         added = {
             "text_embeds": conditioning["pooled_prompt_embeds"].to(dtype),
             "time_ids": conditioning["add_time_ids"].to(dtype),
