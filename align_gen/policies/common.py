@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
@@ -71,12 +72,23 @@ class DenoiserPolicy:
         :attr:`conditioning_keys`, without guidance."""
         raise NotImplementedError
 
-    def _step(
-        self, model_output: Tensor, latents: Tensor, step_index: Tensor, timesteps: Tensor, prev_latents: Tensor
-    ) -> Tensor:
-        """(B,) float32 log-prob of the stored transition latents -> prev_latents at (B,) step
-        indices / timesteps, through the sampler's own kernel."""
+    def _transition(
+        self,
+        model_output: Tensor,
+        latents: Tensor,
+        step_index: Tensor,
+        timesteps: Tensor,
+        prev_latents: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One step of the sampler's kernel at (B,) step indices / timesteps: draws the next
+        latents (``prev_latents`` None) or re-scores the stored ones, and returns them with
+        their (B,) float32 log-prob. Sampling and re-scoring both go through here."""
         raise NotImplementedError
+
+    def _step_mask(self, batch: int, num_steps: int) -> Tensor:
+        """(B, T) bool: which recorded steps are trainable (all, unless a subclass says not)."""
+        return torch.ones(batch, num_steps, dtype=torch.bool, device=self.device)
 
     def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """(prediction, target), both (B, C, h, w) float32, of the pre-training loss at ``t``."""
@@ -193,6 +205,38 @@ class DenoiserPolicy:
         uncond_out, cond_out = output.chunk(2)
         return classifier_free_guidance(uncond_out, cond_out, self.sample_config.guidance_scale)
 
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        generator: torch.Generator | None = None,
+        images: Tensor | None = None,
+        progress: bool = False,
+    ) -> Rollout:
+        """Runs the stochastic sampler over ``scheduler.timesteps`` without grad, recording the
+        trajectory and every step's log-prob (see :class:`~align_gen.policy.Policy`)."""
+        conditioning, latents = self._start_sampling(prompts, images, generator)
+        batch = len(prompts)
+        trajectory, log_probs = [latents], []
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+            t_batch = t.expand(batch).to(self.device)
+            step_index = torch.full((batch,), i, device=self.device)
+            model_output = self._denoise(latents, t_batch, conditioning)
+            latents, log_prob = self._transition(model_output, latents, step_index, t_batch, generator=generator)
+            trajectory.append(latents)
+            log_probs.append(log_prob)
+        return Rollout(
+            prompts=list(prompts),
+            trajectory=torch.stack(trajectory, dim=1),
+            timesteps=timesteps.to(self.device).expand(batch, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1).float(),
+            step_mask=self._step_mask(batch, len(timesteps)),
+            conditioning=conditioning,
+            images=self.decode(latents),
+        )
+
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, k) float32 log-probs of the stored transitions at ``steps`` ((k,) or (B, k) step
         indices), WITH grad, through the same guidance and kernel as sampling."""
@@ -207,8 +251,14 @@ class DenoiserPolicy:
             latents = rollout.trajectory[rows, index]
             timesteps = rollout.timesteps[rows, index]
             model_output = self._denoise(latents, timesteps, rollout.conditioning)
-            columns.append(self._step(model_output, latents, index, timesteps, rollout.trajectory[rows, index + 1]))
+            prev_latents = rollout.trajectory[rows, index + 1]
+            columns.append(self._transition(model_output, latents, index, timesteps, prev_latents)[1])
         return torch.stack(columns, dim=1)
+
+    def noise_level(self, timesteps: Tensor) -> Tensor:
+        """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (for a DDPM schedule the
+        share of the training horizon, for a flow schedule the flow time sigma)."""
+        return timesteps.float() / self.scheduler.config.num_train_timesteps
 
     # ----------------------------------------------------------------------------------------
     # matching losses

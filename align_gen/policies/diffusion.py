@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.kernels import ddim_step_with_logprob
@@ -100,52 +99,26 @@ class DiffusionPolicy(DenoiserPolicy):
         dtype = self.model_dtype
         return self.denoiser(latents.to(dtype), timesteps, conditioning["prompt_embeds"].to(dtype)).sample.float()
 
-    def _step(
-        self, model_output: Tensor, latents: Tensor, step_index: Tensor, timesteps: Tensor, prev_latents: Tensor
-    ) -> Tensor:
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler, model_output, timesteps, latents, eta=self.sample_config.eta, prev_sample=prev_latents
-        )
-        return log_prob
-
-    # ----------------------------------------------------------------------------------------
-    # the Policy protocol
-
-    @torch.no_grad()
-    def sample(
+    def _transition(
         self,
-        prompts: Sequence[str],
-        *,
+        model_output: Tensor,
+        latents: Tensor,
+        step_index: Tensor,
+        timesteps: Tensor,
+        prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
-        images: Tensor | None = None,
-        progress: bool = False,
-    ) -> Rollout:
-        conditioning, latents = self._start_sampling(prompts, images, generator)
-        batch = len(prompts)
-        latents = latents * self.scheduler.init_noise_sigma
-        trajectory, log_probs = [latents], []
-        timesteps = self.scheduler.timesteps
-        for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
-            t_batch = t.expand(batch).to(self.device)
-            model_output = self._denoise(latents, t_batch, conditioning)
-            latents, log_prob = ddim_step_with_logprob(
-                self.scheduler, model_output, t_batch, latents, eta=self.sample_config.eta, generator=generator
-            )
-            trajectory.append(latents)
-            log_probs.append(log_prob)
-        return Rollout(
-            prompts=list(prompts),
-            trajectory=torch.stack(trajectory, dim=1),
-            timesteps=timesteps.to(self.device).expand(batch, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1).float(),
-            step_mask=torch.ones(batch, len(timesteps), dtype=torch.bool, device=self.device),
-            conditioning=conditioning,
-            images=self.decode(latents),
+    ) -> tuple[Tensor, Tensor]:
+        # DDIM reads the timestep itself; DDIMScheduler's init_noise_sigma is 1, so the initial
+        # noise needs no scaling.
+        return ddim_step_with_logprob(
+            self.scheduler,
+            model_output,
+            timesteps,
+            latents,
+            eta=self.sample_config.eta,
+            prev_sample=prev_latents,
+            generator=generator,
         )
-
-    def noise_level(self, timesteps: Tensor) -> Tensor:
-        """(B,) float in [0, 1]: how noisy the scheduler's integer ``timesteps`` are (t / N)."""
-        return timesteps.float() / self.scheduler.config.num_train_timesteps
 
     def _random_matching_timesteps(self, batch: int) -> Tensor:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=self.device)

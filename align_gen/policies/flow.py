@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
@@ -113,57 +112,36 @@ class FlowPolicy(DenoiserPolicy):
             return_dict=False,
         )[0].float()
 
-    def _step(
-        self, model_output: Tensor, latents: Tensor, step_index: Tensor, timesteps: Tensor, prev_latents: Tensor
-    ) -> Tensor:
-        sigma, sigma_next = flow_sigmas(self.scheduler, step_index)  # (B,) each
-        _, log_prob = flow_sde_step_with_logprob(
-            model_output, sigma, sigma_next, latents, self.sample_config.noise_level, prev_sample=prev_latents
-        )
-        return log_prob
-
-    # ----------------------------------------------------------------------------------------
-    # the Policy protocol
-
-    @torch.no_grad()
-    def sample(
+    def _transition(
         self,
-        prompts: Sequence[str],
-        *,
+        model_output: Tensor,
+        latents: Tensor,
+        step_index: Tensor,
+        timesteps: Tensor,
+        prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
-        images: Tensor | None = None,
-        progress: bool = False,
-    ) -> Rollout:
-        conditioning, latents = self._start_sampling(prompts, images, generator)
-        batch = len(prompts)
+    ) -> tuple[Tensor, Tensor]:
+        sigma, sigma_next = flow_sigmas(self.scheduler, step_index)  # (B,) each
         noise_level = self.sample_config.noise_level
-        trajectory, log_probs = [latents], []
-        timesteps = self.scheduler.timesteps
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
-            model_output = self._denoise(latents, t.expand(batch).to(self.device), conditioning)
-            sigma, sigma_next = flow_sigmas(self.scheduler, i)
-            latents, log_prob = flow_sde_step_with_logprob(
-                model_output, sigma, sigma_next, latents, noise_level, generator=generator, return_log_prob=noise_level > 0
-            )
-            trajectory.append(latents)
-            log_probs.append(log_prob if log_prob is not None else torch.zeros(batch, device=self.device))
-        step_mask = torch.ones(batch, len(timesteps), dtype=torch.bool, device=self.device)
-        step_mask[:, -1] = False  # the last step's Gaussian is too sharp to train on
-        if noise_level == 0:
-            step_mask[:] = False  # the ODE has no log-density
-        return Rollout(
-            prompts=list(prompts),
-            trajectory=torch.stack(trajectory, dim=1),
-            timesteps=timesteps.to(self.device).expand(batch, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1).float(),
-            step_mask=step_mask,
-            conditioning=conditioning,
-            images=self.decode(latents),
+        latents, log_prob = flow_sde_step_with_logprob(
+            model_output,
+            sigma,
+            sigma_next,
+            latents,
+            noise_level,
+            prev_sample=prev_latents,
+            generator=generator,
+            return_log_prob=noise_level > 0,
         )
+        # The ODE (noise_level 0) has no log-density: log-probs 0, every step masked.
+        return latents, log_prob if log_prob is not None else torch.zeros(len(latents), device=self.device)
 
-    def noise_level(self, timesteps: Tensor) -> Tensor:
-        """(B,) float in [0, 1]: the flow time sigma = t / N of the scheduler's ``timesteps``."""
-        return timesteps.float() / self.scheduler.config.num_train_timesteps
+    def _step_mask(self, batch: int, num_steps: int) -> Tensor:
+        step_mask = torch.ones(batch, num_steps, dtype=torch.bool, device=self.device)
+        step_mask[:, -1] = False  # the last step's Gaussian is too sharp to train on
+        if self.sample_config.noise_level == 0:
+            step_mask[:] = False  # the ODE has no log-density
+        return step_mask
 
     def _random_matching_timesteps(self, batch: int) -> Tensor:
         return torch.rand(batch, device=self.device) * self.scheduler.config.num_train_timesteps
