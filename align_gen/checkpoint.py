@@ -10,10 +10,12 @@ Layout of ``<output_dir>/checkpoints/epoch_000012/`` (12 = epochs completed):
     trainable.safetensors   the trained weights only (LoRA adapters or the full denoiser)
     optimizer.pt            the optimizer's state_dict
     state.json              {"epoch": 12, "global_step": ..., "advantage": {...}}
+    objective.safetensors   the objective's tensors, when it keeps any (SePPO's reference ring)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -39,6 +41,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes the checkpoint of ``epoch`` completed epochs atomically; keeps the newest ``keep``."""
     final = checkpoint_path(output_dir, epoch)
@@ -48,6 +51,8 @@ def save_checkpoint(
     save_file(weights, str(partial / "trainable.safetensors"))
     torch.save(optimizer_state, partial / "optimizer.pt")
     (partial / "state.json").write_text(json.dumps({"epoch": epoch, **state}, indent=1))
+    if objective_state:
+        save_file(objective_state, str(partial / "objective.safetensors"))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for old in list_checkpoints(output_dir)[:-keep]:
@@ -76,9 +81,21 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(weights, optimizer_state, state) of a checkpoint folder."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
-    return weights, optimizer_state, state
+@dataclasses.dataclass
+class Checkpoint:
+    """What a checkpoint folder holds (see the module docstring)."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    state: dict[str, Any]
+    objective_state: dict[str, torch.Tensor]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    objective_file = path / "objective.safetensors"
+    return Checkpoint(
+        weights=load_file(str(path / "trainable.safetensors")),
+        optimizer_state=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        state=json.loads((path / "state.json").read_text()),
+        objective_state=load_file(str(objective_file)) if objective_file.is_file() else {},
+    )

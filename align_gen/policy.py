@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from align_gen.types import Rollout
+from align_gen.types import MatchingTerms, Rollout
 
 
 @runtime_checkable
@@ -61,24 +61,39 @@ class Policy(Protocol):
         *,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B,) the pre-training loss on the clean samples ``rollout.final_samples``, WITH grad.
+        """(B,) the pre-training loss on clean samples, WITH grad.
 
-        Diffusion: the epsilon / v / flow-matching MSE at noise level ``t`` (B,) with ``noise``
-        (drawn when None); VLM: the answer's token NLL.
+        Diffusion: the epsilon / v / flow-matching MSE of ``clean`` (default
+        ``rollout.final_samples``; the prompts are the rollout's) at training timesteps ``t``
+        (B,) with ``noise`` (both drawn when None); VLM: the answer's token NLL.
         """
         ...
 
-    def matching_loss_and_divergence(
+    def matching_terms(
         self,
         rollout: Rollout,
         *,
-        t: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) :meth:`matching_loss` and (B,) a divergence of the current model's outputs from
-        the reference model's at the same inputs (diffusion: mean squared difference of the
-        denoiser outputs), WITH grad through the current model. One forward pass of each."""
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        clean: torch.Tensor | None = None,
+        references: Sequence[dict[str, torch.Tensor] | None] = (None,),
+    ) -> MatchingTerms:
+        """The matching loss of the current model (WITH grad) and of R reference models (no
+        grad) at the same inputs, and the divergence of their predictions. Each reference is
+        None (the initial model, see :meth:`reference`) or a :meth:`trainable_state_dict`
+        snapshot (SePPO's past checkpoints, AWM's EMA). One forward pass of each model."""
+        ...
+
+    def training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) timesteps drawn uniformly over the model's training range (what pre-training
+        draws), for losses that need fresh noise levels."""
+        ...
+
+    def encode_samples(self, samples: torch.Tensor | Sequence[str]) -> torch.Tensor:
+        """Data samples in the representation :meth:`matching_loss` takes as ``clean``:
+        diffusion: (B, C, h, w) latents of (B, 3, H, W) images in [0, 1]; VLM: answer tokens."""
         ...
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -86,8 +101,14 @@ class Policy(Protocol):
         schedules, sigma for flow matching); objectives weight by it."""
         ...
 
-    def reference(self) -> AbstractContextManager[None]:
-        """Inside this context every forward pass uses the frozen reference weights."""
+    def reference(self, weights: dict[str, torch.Tensor] | None = None) -> AbstractContextManager[None]:
+        """Inside this context every forward pass uses reference weights: the initial model
+        (None), or a snapshot of the trainable weights taken earlier with
+        :meth:`trainable_state_dict` (SePPO's past checkpoints)."""
+        ...
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable weights, keyed by parameter name."""
         ...
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:

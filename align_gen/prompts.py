@@ -1,7 +1,9 @@
 """Prompt sources and the seeded prompt sampler of a training run.
 
 A source is ``builtin:NAME`` (a list shipped in align_gen/data/prompts), a ``.txt`` file with one
-prompt per line, or a ``.jsonl`` file whose lines hold a ``"prompt"`` field.
+prompt per line, a ``.jsonl`` file whose lines hold a ``"prompt"`` field, or a (prompt, image)
+dataset (a folder or ``hf:<dataset id>``, see :mod:`align_gen.image_datasets`), whose prompts
+are used.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from align_gen.errors import ConfigError
+from align_gen.image_datasets import load_image_dataset
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
 
@@ -22,6 +25,8 @@ def builtin_prompt_lists() -> list[str]:
 
 def load_prompts(source: str) -> list[str]:
     """The prompts of ``source``; errors name the problem (missing file, empty list, bad line)."""
+    if source.startswith("hf:") or Path(source).expanduser().is_dir():
+        return load_image_dataset(source).prompts
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = BUILTIN_DIR / f"{name}.txt"

@@ -25,6 +25,7 @@ from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoin
 from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import RewardError
 from align_gen.objectives import build_objective
+from align_gen.objectives.base import Objective
 from align_gen.policies import DenoiserPolicy, build_policy
 from align_gen.prompts import load_prompts, sample_prompts
 from align_gen.tracking import METRICS_FILE, MetricsLog, plot_learning_curve
@@ -70,15 +71,18 @@ def train(config: RunConfig) -> TrainResult:
     policy = build_policy(config.model, config.sample, accelerator.device)
     optimizer = build_optimizer(policy, config.train)
 
+    objective.setup(policy, config)
+
     start_epoch, global_step = 0, 0
-    checkpoint = resolve_resume(config.resume, output_dir)
-    if checkpoint is not None:
-        weights, optimizer_state, state = load_checkpoint(checkpoint)
-        policy.load_trainable_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-        advantage_fn.load_state_dict(state["advantage"])
-        start_epoch, global_step = state["epoch"], state["global_step"]
-        accelerator.print(f"resumed from {checkpoint} after epoch {start_epoch}")
+    checkpoint_dir = resolve_resume(config.resume, output_dir)
+    if checkpoint_dir is not None:
+        checkpoint = load_checkpoint(checkpoint_dir)
+        policy.load_trainable_state_dict(checkpoint.weights)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        advantage_fn.load_state_dict(checkpoint.state["advantage"])
+        objective.load_state_dict(checkpoint.objective_state)
+        start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
+        accelerator.print(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
     policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     log = MetricsLog(
@@ -101,7 +105,7 @@ def train(config: RunConfig) -> TrainResult:
         started = time.perf_counter()
 
         # 1. rollouts, no grad
-        rollouts = collect_rollouts(policy, prompts, config, generator, accelerator)
+        rollouts = collect_rollouts(policy, objective, prompts, config, generator, accelerator)
         sampled = time.perf_counter()
 
         # 2. rewards, 3. advantages over the global batch
@@ -116,6 +120,7 @@ def train(config: RunConfig) -> TrainResult:
         # 4. update
         update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
         global_step += steps
+        update_metrics.update(objective.end_epoch(policy, global_step))
         finished = time.perf_counter()
 
         # 5. log, grids, checkpoints
@@ -144,6 +149,7 @@ def train(config: RunConfig) -> TrainResult:
                     optimizer_state=optimizer.state_dict(),
                     state={"global_step": global_step, "advantage": advantage_fn.state_dict()},
                     keep=config.keep_checkpoints,
+                    objective_state=objective.state_dict(),
                 )
             accelerator.wait_for_everyone()
     log.close()
@@ -171,9 +177,15 @@ def build_optimizer(policy: DenoiserPolicy, train_config: TrainConfig) -> torch.
 
 
 def collect_rollouts(
-    policy: DenoiserPolicy, prompts: list[str], config: RunConfig, generator: torch.Generator, accelerator: Accelerator
+    policy: DenoiserPolicy,
+    objective: Objective,
+    prompts: list[str],
+    config: RunConfig,
+    generator: torch.Generator,
+    accelerator: Accelerator,
 ) -> Rollout:
-    """``sample.num_batches_per_epoch`` batches of fresh samples from the current policy."""
+    """``sample.num_batches_per_epoch`` batches of rollouts for drawn prompts, sampled the way
+    the objective asks (the current policy, or SePPO's reference model)."""
     batches = []
     for _ in tqdm(
         range(config.sample.num_batches_per_epoch),
@@ -182,7 +194,7 @@ def collect_rollouts(
         disable=not accelerator.is_local_main_process,
     ):
         batch_prompts = sample_prompts(prompts, config.sample.batch_size, config.sample.samples_per_prompt, generator)
-        batches.append(policy.sample(batch_prompts, generator=generator))
+        batches.append(objective.sample(policy, batch_prompts, generator))
     return Rollout.concatenate(batches)
 
 
@@ -204,7 +216,7 @@ def score(reward_fn, rollouts: Rollout) -> torch.Tensor:
 
 def update(
     policy: DenoiserPolicy,
-    objective,
+    objective: Objective,
     optimizer: torch.optim.Optimizer,
     rollouts: Rollout,
     config: RunConfig,

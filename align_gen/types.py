@@ -48,6 +48,8 @@ class Rollout:
         texts: the generated answers (VLM) or None.
         rewards: (B,) float32, filled in by the trainer after scoring.
         advantages: (B,) float32, filled in by the trainer after normalisation.
+        preferred: (B, C, h, w) clean latents of a preferred sample of each prompt taken from a
+            dataset (SePPO's winners), or None.
     """
 
     prompts: list[str]
@@ -60,6 +62,7 @@ class Rollout:
     texts: list[str] | None = None
     rewards: Tensor | None = None
     advantages: Tensor | None = None
+    preferred: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -130,3 +133,22 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingTerms:
+    """The pre-training loss of clean samples under the current and R reference models.
+
+    All models see the same noisy inputs (the same timesteps and noise), which is what AWM's
+    pull toward the reference and SePPO's preference margin need.
+
+    Attributes:
+        loss: (B,) the current model's matching loss, WITH grad.
+        reference_loss: (R, B) each reference model's matching loss, without grad.
+        divergence: (R, B) mean squared difference of the current model's predictions and each
+            reference's, WITH grad through the current model's.
+    """
+
+    loss: Tensor
+    reference_loss: Tensor
+    divergence: Tensor

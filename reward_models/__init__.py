@@ -6,7 +6,8 @@ Registered names: ``jpeg_compressibility``, ``jpeg_incompressibility``, ``clip_s
 CLIP-based reward is built, so importing this package stays cheap.
 """
 
-from reward_models import aesthetic, clip_score, jpeg  # noqa: F401  (registers the built-ins)
+# Importing registers the built-ins; open_clip / transformers load only when a reward is built.
+from reward_models import aesthetic, clip_score, jpeg, pickscore  # noqa: F401
 from reward_models.aesthetic import AestheticHead, AestheticScore
 from reward_models.clip_score import ClipScore, OpenClipEncoder
 from reward_models.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb

@@ -76,5 +76,49 @@ def test_divergence_is_zero_before_any_update_and_has_grad() -> None:
         build_tiny_random_sd(), ModelConfig(), SampleConfig(num_steps=2, guidance_scale=1.0, batch_size=2)
     )
     batch = policy.sample(["a", "b"], generator=torch.Generator().manual_seed(0))
-    loss, divergence = policy.matching_loss_and_divergence(batch, t=torch.tensor([10, 500]))
-    assert divergence.abs().max() < 1e-10 and divergence.requires_grad and loss.shape == (2,)
+    terms = policy.matching_terms(batch, t=torch.tensor([10, 500]), noise=torch.randn_like(batch.final_samples))
+    assert terms.divergence.abs().max() < 1e-10 and terms.divergence.requires_grad and terms.loss.shape == (2,)
+    assert terms.divergence.shape == terms.reference_loss.shape == (1, 2)
+    assert torch.allclose(terms.reference_loss[0], terms.loss.detach()) and not terms.reference_loss.requires_grad
+
+
+def test_ema_term_adds_to_the_loss_by_hand() -> None:
+    """Uniform weighting, advantages (5, -5) -> (1, -1), l = (0.2, 0.4): policy term -0.1;
+    beta 0.1 x mean(0.3, 0.5) = 0.04; ema_beta 2 x mean(0.1, 0.3) = 0.4; total 0.34."""
+    config = AWMConfig(weighting="uniform", beta=0.1, ema_beta=2.0)
+    loss, metrics = awm_loss(
+        torch.tensor([0.2, 0.4]),
+        torch.tensor([0.3, 0.9]),
+        torch.tensor([5.0, -5.0]),
+        torch.tensor([0.3, 0.5]),
+        config,
+        ema_divergence=torch.tensor([0.1, 0.3]),
+    )
+    assert loss.item() == pytest.approx(0.34)
+    assert metrics["ema_divergence"] == pytest.approx(0.2)
+
+
+def test_ema_follows_the_weights_and_round_trips(tmp_path) -> None:
+    from align_gen.config import load_config
+
+    run = load_config(None, ["objective.name=awm", "objective.ema_beta=1.0", "objective.ema_decay=0.5"])
+    policy = DiffusionPolicy(build_tiny_random_sd(), run.model, SampleConfig(num_steps=2, guidance_scale=1.0))
+    objective = build_objective(run.objective)
+    objective.setup(policy, run)
+    start = policy.trainable_state_dict()
+    with torch.no_grad():
+        for param in policy.trainable_parameters():
+            param.add_(1.0)
+    objective.end_epoch(policy, global_step=1)
+    name = next(iter(start))
+    assert torch.allclose(objective.ema[name], start[name] + 0.5)  # 0.5 old + 0.5 (old + 1)
+
+    batch = policy.sample(["a", "b"], generator=torch.Generator().manual_seed(0))
+    batch.advantages = torch.tensor([1.0, -1.0])
+    metrics = [term.metrics for term in objective.loss_terms(policy, batch, torch.Generator().manual_seed(0))]
+    assert all(m["ema_divergence"] > 0 for m in metrics)  # the weights moved away from the EMA
+
+    restored = build_objective(run.objective)
+    restored.setup(policy, run)
+    restored.load_state_dict(objective.state_dict())
+    assert torch.equal(restored.ema[name], objective.ema[name])

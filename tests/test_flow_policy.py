@@ -112,9 +112,10 @@ def test_matching_loss_matches_a_hand_computation() -> None:
     expected = (velocity - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
     assert torch.allclose(loss.detach(), expected, atol=1e-6)
 
-    loss_again, divergence = policy.matching_loss_and_divergence(rollout, t=t, noise=noise)
-    assert torch.allclose(loss_again.detach(), expected, atol=1e-6)
-    assert torch.allclose(divergence, torch.zeros(4), atol=1e-10)  # LoRA B = 0: still the reference
+    terms = policy.matching_terms(rollout, t=t, noise=noise)
+    assert torch.allclose(terms.loss.detach(), expected, atol=1e-6)
+    assert torch.allclose(terms.reference_loss[0], expected, atol=1e-6)
+    assert torch.allclose(terms.divergence, torch.zeros(1, 4), atol=1e-10)  # LoRA B = 0: still the reference
 
 
 def test_saved_lora_loads_into_a_diffusers_pipeline(tmp_path) -> None:

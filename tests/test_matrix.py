@@ -19,7 +19,12 @@ from align_gen.train import train
 OBJECTIVES = {
     "ddpo": [],
     "rebel": [],
-    "awm": ["objective.num_timesteps=2"],
+    "awm": ["objective.num_timesteps=2", "objective.ema_beta=0.5"],
+    "seppo": [
+        "objective.beta=50",
+        "objective.reference=uniform",
+        f"prompts.source={Path(__file__).resolve().parents[1] / 'configs' / 'tiny' / 'data' / 'shapes'}",
+    ],
 }
 MODELS = ["tiny-random-sd", "tiny-random-sd3", "tiny-random-sdxl"]
 
@@ -44,7 +49,7 @@ TINY = [
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_objective_trains_resumes_and_saves_on_policy(objective: str, model: str, tmp_path: Path) -> None:
-    overrides = [*TINY, *OBJECTIVES[objective], f"objective.name={objective}", f"model.pretrained=align-gen:{model}"]
+    overrides = [*TINY, f"objective.name={objective}", *OBJECTIVES[objective], f"model.pretrained=align-gen:{model}"]
     output = f"output_dir={tmp_path / 'run'}"
     train(load_config(None, [*overrides, output, "epochs=2"]))
     result = train(load_config(None, [*overrides, output, "epochs=3", "resume=latest"]))

@@ -12,7 +12,11 @@ noise levels drawn stratified over the sampling grid (one per stratum of the rol
 timesteps), one backward per level. Because it never uses the sampler's log-probs, AWM works
 with rollouts from any sampler, a deterministic ODE included.
 
-Simplification: the optional pull toward an EMA copy of the weights is not implemented yet.
+Optionally (``ema_beta`` > 0) the loss also pulls toward an exponential moving average of the
+trainable weights: + ema_beta * mean_b |prediction_b - EMA prediction_b|^2. The EMA starts at
+the initial weights and is updated once per epoch (AWM's settings take one optimizer step per
+epoch) as ema = d ema + (1 - d) weights with d = ``ema_decay``; it lives on the CPU, is swapped
+into the model only for its no-grad forward pass, and is saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
+from align_gen.objectives.base import Objective
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -41,6 +46,8 @@ class AWMConfig(ObjectiveConfig):
     huber_p: float = 0.25  # p of the generalised Huber weighting (anchor: 0.25)
     beta: float = 1e-4  # pull toward the reference model's outputs (anchor: 1e-4 PickScore, 3e-3 OCR)
     advantage_clip: float = 5.0  # A_hat = clip(A, +-c) / c (anchor: 5)
+    ema_beta: float = 0.0  # pull toward an EMA of the trainable weights (0 = off)
+    ema_decay: float = 0.99  # the EMA's decay per epoch (anchor: 0.99)
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 1:
@@ -49,6 +56,10 @@ class AWMConfig(ObjectiveConfig):
             raise ConfigError(f"objective.huber_p must be in (0, 1], got {self.huber_p}.")
         if self.beta < 0:
             raise ConfigError(f"objective.beta must be >= 0, got {self.beta}.")
+        if self.ema_beta < 0:
+            raise ConfigError(f"objective.ema_beta must be >= 0, got {self.ema_beta}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"objective.ema_decay must be in [0, 1), got {self.ema_decay}.")
         if not self.advantage_clip > 0:
             raise ConfigError(f"objective.advantage_clip must be > 0, got {self.advantage_clip}.")
 
@@ -70,6 +81,7 @@ def awm_loss(
     advantages: Tensor,
     divergence: Tensor | None,
     config: AWMConfig,
+    ema_divergence: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """AWM's loss at one noise level per sample.
 
@@ -78,10 +90,12 @@ def awm_loss(
         noise_level: (B,) t in [0, 1].
         advantages: (B,) A, clipped to +-advantage_clip and divided by it.
         divergence: (B,) |prediction - reference prediction|^2 (WITH grad), or None when beta = 0.
-        config: weighting, p, beta and the advantage clip.
+        config: weighting, p, beta, ema_beta and the advantage clip.
+        ema_divergence: (B,) |prediction - EMA prediction|^2 (WITH grad), or None when off.
 
     Returns:
-        mean_b A_hat_b w(l_b, t_b) + beta mean_b divergence_b, and detached statistics.
+        mean_b A_hat_b w(l_b, t_b) + beta mean_b divergence_b (+ ema_beta mean_b
+        ema_divergence_b), and detached statistics.
     """
     scaled = advantages.clamp(-config.advantage_clip, config.advantage_clip) / config.advantage_clip  # (B,)
     weighted = weight_matching_loss(matching_loss, noise_level, config.weighting, config.huber_p)  # (B,)
@@ -92,6 +106,9 @@ def awm_loss(
         kl_term = config.beta * divergence.mean()  # ()
         loss = loss + kl_term
         metrics["divergence"] = float(divergence.detach().mean())
+    if ema_divergence is not None:
+        loss = loss + config.ema_beta * ema_divergence.mean()
+        metrics["ema_divergence"] = float(ema_divergence.detach().mean())
     metrics["loss"] = float(loss.detach())
     return loss, metrics
 
@@ -105,26 +122,55 @@ def stratified_steps(num_steps: int, num_strata: int, batch: int, generator: tor
 
 
 @register_objective("awm", AWMConfig)
-class AWM:
-    """Advantage-weighted matching on the clean samples of any policy."""
+class AWM(Objective):
+    """Advantage-weighted matching on the clean samples of any policy (any sampler works, a
+    deterministic one included)."""
+
+    config: AWMConfig
 
     def __init__(self, config: AWMConfig) -> None:
-        self.config = config
+        super().__init__(config)
+        self.ema: dict[str, Tensor] | None = None  # CPU EMA of the trainable weights
 
-    def check(self, run: RunConfig) -> None:  # any sampler works, a deterministic one included
-        return None
+    def setup(self, policy: Policy, run: RunConfig) -> None:
+        if self.config.ema_beta > 0:
+            self.ema = policy.trainable_state_dict()
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
         num_samples = len(batch)
         device = batch.final_samples.device
         steps = stratified_steps(batch.num_steps, self.config.num_timesteps, num_samples, generator).to(device)
         rows = torch.arange(num_samples, device=device)
+        # The reference models whose predictions the loss pulls toward: the initial one (beta)
+        # and the EMA (ema_beta), each one no-grad forward pass at the same inputs.
+        references = ([None] if self.config.beta > 0 else []) + ([self.ema] if self.ema is not None else [])
         for k in range(self.config.num_timesteps):
             timesteps = batch.timesteps[rows, steps[:, k]]  # (B,)
             noise = torch.randn(batch.final_samples.shape, generator=generator).to(device)
-            if self.config.beta > 0:
-                matching, divergence = policy.matching_loss_and_divergence(batch, t=timesteps, noise=noise)
+            if references:
+                terms = policy.matching_terms(batch, t=timesteps, noise=noise, references=references)
+                matching, divergences = terms.loss, list(terms.divergence)
             else:
-                matching, divergence = policy.matching_loss(batch, t=timesteps, noise=noise), None
-            loss, metrics = awm_loss(matching, policy.noise_level(timesteps), batch.advantages, divergence, self.config)
+                matching, divergences = policy.matching_loss(batch, t=timesteps, noise=noise), []
+            divergence = divergences.pop(0) if self.config.beta > 0 else None
+            ema_divergence = divergences.pop(0) if self.ema is not None else None
+            loss, metrics = awm_loss(
+                matching, policy.noise_level(timesteps), batch.advantages, divergence, self.config, ema_divergence
+            )
             yield LossOutput(loss / self.config.num_timesteps, metrics)
+
+    def end_epoch(self, policy: Policy, global_step: int) -> dict[str, float]:
+        if self.ema is not None:
+            decay = self.config.ema_decay
+            for name, value in policy.trainable_state_dict().items():
+                self.ema[name].mul_(decay).add_(value, alpha=1 - decay)
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"ema.{name}": value for name, value in (self.ema or {}).items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.ema is None:
+            super().load_state_dict(state)
+        elif state:  # else the checkpoint predates ema_beta > 0: the EMA starts here
+            self.ema = {key.removeprefix("ema."): value.clone() for key, value in state.items()}

@@ -1,16 +1,23 @@
-"""What every objective is: a config class and a generator of backward-able loss pieces.
+"""What every objective is: a config, where its rollouts come from, and its loss in pieces.
 
 An objective is written only against the :class:`~align_gen.policy.Policy` protocol and the
 :class:`~align_gen.types.Rollout` fields, so it runs on every policy family. It yields its loss
 for a minibatch in pieces (:class:`~align_gen.types.LossOutput`), e.g. one per denoising step;
 the trainer backpropagates each piece as it comes, so only one piece's activations are alive at
 a time. The sum of the pieces is the objective's loss for the minibatch.
+
+The trainer calls, in this order: :meth:`Objective.check` (before anything is built),
+:meth:`Objective.setup` (once the policy exists), :meth:`Objective.load_state_dict` (when
+resuming), then every epoch :meth:`Objective.sample` for each rollout batch,
+:meth:`Objective.loss_terms` for each minibatch and :meth:`Objective.end_epoch`;
+:meth:`Objective.state_dict` goes into every checkpoint. The defaults make an on-policy
+objective (DDPO, REBEL, AWM): rollouts are the current policy's samples and there is no state.
+SePPO overrides the hooks: it samples from a past checkpoint and keeps a ring of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -19,23 +26,44 @@ from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
 
-class Objective(Protocol):
-    """An RL / preference objective over a policy's rollouts."""
+class Objective:
+    """An RL / preference objective over a policy's rollouts; subclasses implement
+    :meth:`loss_terms` and override the hooks they need."""
 
-    config: ObjectiveConfig
+    def __init__(self, config: ObjectiveConfig) -> None:
+        self.config = config
 
     def check(self, run: RunConfig) -> None:
         """Raises ConfigError when the run's settings cannot work with this objective."""
-        ...
+        return None
 
-    def loss_terms(
-        self, policy: Policy, batch: Rollout, generator: torch.Generator
-    ) -> Iterator[LossOutput]:
-        """The minibatch's loss in pieces; ``batch.advantages`` is filled in.
+    def setup(self, policy: Policy, run: RunConfig) -> None:
+        """Called once before the first epoch, after the policy is built."""
+        return None
+
+    def sample(self, policy: Policy, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
+        """One batch of rollouts for ``prompts`` (no grad). Default: the current policy's samples."""
+        return policy.sample(prompts, generator=generator)
+
+    def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
+        """The minibatch's loss in pieces; ``batch.rewards`` and ``batch.advantages`` are filled in.
 
         Args:
             policy: the policy being trained (forward passes WITH grad).
-            batch: a minibatch of rollouts with ``advantages`` (B,) set.
+            batch: a minibatch of rollouts from :meth:`sample`.
             generator: the source of any randomness the objective needs (step order, noise).
         """
-        ...
+        raise NotImplementedError
+
+    def end_epoch(self, policy: Policy, global_step: int) -> dict[str, float]:
+        """Called after each epoch's update with the optimizer steps taken so far; returns
+        metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the objective needs to resume exactly (saved with every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)[:3]}.")

@@ -20,6 +20,7 @@ import torch
 from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
+from align_gen.objectives.base import Objective
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -75,11 +76,10 @@ def ddpo_loss(
 
 
 @register_objective("ddpo", DDPOConfig)
-class DDPO:
+class DDPO(Objective):
     """DDPO-clip over any policy's recorded steps."""
 
-    def __init__(self, config: DDPOConfig) -> None:
-        self.config = config
+    config: DDPOConfig
 
     def check(self, run: RunConfig) -> None:
         if run.sample.eta <= 0:

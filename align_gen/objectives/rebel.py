@@ -28,6 +28,7 @@ import torch
 from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
+from align_gen.objectives.base import Objective
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -75,11 +76,10 @@ def rebel_loss(
 
 
 @register_objective("rebel", RebelConfig)
-class Rebel:
+class Rebel(Objective):
     """REBEL over pairs of consecutive samples of the same prompt."""
 
-    def __init__(self, config: RebelConfig) -> None:
-        self.config = config
+    config: RebelConfig
 
     def check(self, run: RunConfig) -> None:
         if run.sample.samples_per_prompt % 2:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
-from align_gen.types import Rollout
+from align_gen.types import MatchingTerms, Rollout
 
 Tensor = torch.Tensor
 
@@ -90,12 +90,15 @@ class DenoiserPolicy:
         """(B, T) bool: which recorded steps are trainable (all, unless a subclass says not)."""
         return torch.ones(batch, num_steps, dtype=torch.bool, device=self.device)
 
-    def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """(prediction, target), both (B, C, h, w) float32, of the pre-training loss at ``t``."""
+    def _matching_prediction(
+        self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(prediction, target), both (B, C, h, w) float32, of the pre-training loss of the
+        clean latents at timesteps ``t`` (B,) with ``noise``; no guidance."""
         raise NotImplementedError
 
-    def _random_matching_timesteps(self, batch: int) -> Tensor:
-        """(B,) training timesteps drawn when matching_loss gets none."""
+    def training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B,) timesteps drawn uniformly over the training range (see the Policy protocol)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------
@@ -263,57 +266,110 @@ class DenoiserPolicy:
     # ----------------------------------------------------------------------------------------
     # matching losses
 
-    def _matching_inputs(self, rollout: Rollout, t: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        clean = rollout.final_samples
+    def _matching_inputs(
+        self, rollout: Rollout, t: Tensor | None, noise: Tensor | None, clean: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(clean latents, timesteps, noise), drawing what was not given."""
+        clean = rollout.final_samples if clean is None else clean
         if t is None:
-            t = self._random_matching_timesteps(clean.shape[0])
-        return t, torch.randn_like(clean) if noise is None else noise
+            t = self.training_timesteps(clean.shape[0]).to(self.device)
+        return clean, t, torch.randn_like(clean) if noise is None else noise
 
-    def matching_loss(self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        """(B,) the pre-training MSE on the clean latents at training timesteps ``t`` (B,);
-        uniform weighting over elements; no CFG (the conditional branch)."""
-        t, noise = self._matching_inputs(rollout, t, noise)
-        prediction, target = self._matching_prediction(rollout, t, noise)
+    def matching_loss(
+        self,
+        rollout: Rollout,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        clean: Tensor | None = None,
+    ) -> Tensor:
+        """(B,) the pre-training MSE of the clean latents (``rollout.final_samples`` unless
+        ``clean`` is given) at timesteps ``t`` (B,); uniform weighting over elements; no CFG
+        (the conditional branch)."""
+        clean, t, noise = self._matching_inputs(rollout, t, noise, clean)
+        prediction, target = self._matching_prediction(clean, rollout.conditioning, t, noise)
         return per_sample_mse(prediction, target)
 
-    def matching_loss_and_divergence(
-        self, rollout: Rollout, *, t: Tensor | None = None, noise: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(B,) matching loss as :meth:`matching_loss`, and (B,) the divergence from the
-        reference model at the same inputs: mean (prediction - reference prediction)^2, with
-        grad through the current prediction only."""
-        t, noise = self._matching_inputs(rollout, t, noise)
-        # The reference pass comes first: for a fully fine-tuned model, entering reference()
-        # swaps weights in place, which must not happen while a graph holds the current ones.
-        with torch.no_grad(), self.reference():
-            reference_prediction, _ = self._matching_prediction(rollout, t, noise)
-        prediction, target = self._matching_prediction(rollout, t, noise)
-        return per_sample_mse(prediction, target), per_sample_mse(prediction, reference_prediction)
+    def matching_terms(
+        self,
+        rollout: Rollout,
+        *,
+        t: Tensor,
+        noise: Tensor,
+        clean: Tensor | None = None,
+        references: Sequence[dict[str, Tensor] | None] = (None,),
+    ) -> MatchingTerms:
+        """The matching loss of the current model (WITH grad) and of each reference model
+        (None = the initial weights, or a :meth:`trainable_state_dict` snapshot; no grad) at the
+        same inputs, and the mean squared difference of the predictions (grad through the
+        current one)."""
+        clean, t, noise = self._matching_inputs(rollout, t, noise, clean)
+        # Reference passes come first: entering reference() may copy weights in place, which
+        # must not happen while a graph holds the current ones.
+        reference_predictions = []
+        for weights in references:
+            with torch.no_grad(), self.reference(weights):
+                reference_predictions.append(self._matching_prediction(clean, rollout.conditioning, t, noise)[0])
+        prediction, target = self._matching_prediction(clean, rollout.conditioning, t, noise)
+        return MatchingTerms(
+            loss=per_sample_mse(prediction, target),
+            reference_loss=torch.stack([per_sample_mse(r, target) for r in reference_predictions]),
+            divergence=torch.stack([per_sample_mse(prediction, r) for r in reference_predictions]),
+        )
+
+    @torch.no_grad()
+    def encode_samples(self, samples: Tensor) -> Tensor:
+        """(B, C, h, w) float32 latents of (B, 3, H, W) images in [0, 1] (the VAE posterior's
+        mean, scaled and shifted as :meth:`decode` expects), resized to the policy's resolution."""
+        if not isinstance(samples, Tensor) or samples.dim() != 4 or samples.shape[1] != 3:
+            raise ValueError("encode_samples takes (B, 3, H, W) image tensors in [0, 1].")
+        images = samples.to(self.device, torch.float32)
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = torch.nn.functional.interpolate(
+                images, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
+            )
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return ((posterior.mean.float() - shift) * config.scaling_factor).contiguous()
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Forward passes use the initial weights: adapters disabled, or the stored initial model."""
-        if self._reference_weights is None:
+    def reference(self, weights: dict[str, Tensor] | None = None) -> Iterator[None]:
+        """Forward passes use reference weights: the initial model when ``weights`` is None
+        (adapters disabled, or the stored initial weights of a full fine-tune), else the given
+        :meth:`trainable_state_dict` snapshot. Swapped weights are parked on the CPU, never
+        duplicated on the accelerator."""
+        if weights is None and self._reference_weights is None:
             self.model.disable_adapters()
             try:
                 yield
             finally:
                 self.model.enable_adapters()
             return
-        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self._reference_weights)
+        weights = self._reference_weights if weights is None else weights
+        state = self.model.state_dict(keep_vars=True)
+        unknown = set(weights) - set(state)
+        if unknown:
+            raise ValueError(f"reference weights name {len(unknown)} unknown tensors, e.g. {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            current = {name: state[name].detach().to("cpu", copy=True) for name in weights}
+            for name, value in weights.items():
+                state[name].copy_(value)
         try:
             yield
         finally:
-            self.model.load_state_dict(current)
+            with torch.no_grad():
+                for name, value in current.items():
+                    state[name].copy_(value)
 
     # ----------------------------------------------------------------------------------------
     # persistence
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The trained weights only, keyed by parameter name (LoRA or the full model)."""
+        """A CPU copy of the trained weights only, keyed by parameter name (LoRA or the full
+        model); a copy even on a CPU device, so later updates never change it."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: p.detach().cpu().contiguous() for p in self.trainable_parameters()}
+        return {names[id(p)]: p.detach().to("cpu", copy=True).contiguous() for p in self.trainable_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         params = dict(self.model.named_parameters())

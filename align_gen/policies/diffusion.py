@@ -27,7 +27,6 @@ import torch
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.kernels import ddim_step_with_logprob
 from align_gen.policies.common import MODEL_CARD_FILE, DenoiserPolicy, classifier_free_guidance
-from align_gen.types import Rollout
 
 Tensor = torch.Tensor
 
@@ -120,13 +119,16 @@ class DiffusionPolicy(DenoiserPolicy):
             generator=generator,
         )
 
-    def _random_matching_timesteps(self, batch: int) -> Tensor:
-        return torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=self.device)
+    def training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B,) integer timesteps uniform over [0, num_train_timesteps), on the CPU."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator)
 
-    def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def _matching_prediction(
+        self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The denoising loss at integer training timesteps ``t`` (B,) in [0, num_train_timesteps):
         epsilon, v or x0 target per the scheduler's prediction type."""
-        clean = rollout.final_samples
+        t = t.to(self.device)
         noisy = self.scheduler.add_noise(clean, noise, t)
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -135,7 +137,7 @@ class DiffusionPolicy(DenoiserPolicy):
             target = self.scheduler.get_velocity(clean, noise, t)
         else:
             target = clean
-        prediction = self._forward(noisy, t, rollout.conditioning)
+        prediction = self._forward(noisy, t, conditioning)
         return prediction, target.float()
 
 

@@ -27,7 +27,6 @@ from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.kernels import flow_sde_step_with_logprob, flow_sigmas
 from align_gen.policies.common import DenoiserPolicy
-from align_gen.types import Rollout
 
 Tensor = torch.Tensor
 
@@ -143,14 +142,17 @@ class FlowPolicy(DenoiserPolicy):
             step_mask[:] = False  # the ODE has no log-density
         return step_mask
 
-    def _random_matching_timesteps(self, batch: int) -> Tensor:
-        return torch.rand(batch, device=self.device) * self.scheduler.config.num_train_timesteps
+    def training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B,) float timesteps sigma * N with sigma uniform in [0, 1), on the CPU."""
+        return torch.rand(batch, generator=generator) * self.scheduler.config.num_train_timesteps
 
-    def _matching_prediction(self, rollout: Rollout, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def _matching_prediction(
+        self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The flow-matching loss at timesteps ``t`` (B,) = sigma * N: x_s = (1 - s) x0 + s eps
         with s = sigma, velocity target eps - x0."""
-        clean = rollout.final_samples.float()
+        clean, t = clean.float(), t.to(self.device)
         s = self.noise_level(t).view(-1, *([1] * (clean.ndim - 1)))  # (B, 1, 1, 1)
         noisy = (1 - s) * clean + s * noise  # (B, C, h, w)
-        prediction = self._forward(noisy, t.float(), rollout.conditioning)
+        prediction = self._forward(noisy, t.float(), conditioning)
         return prediction, (noise - clean).float()

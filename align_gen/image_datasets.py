@@ -1,0 +1,234 @@
+"""Datasets of (prompt, image) pairs: a folder, a JSONL file, or a Hugging Face dataset id.
+
+SePPO takes its winners from such a dataset, and a run that uses one takes its prompts from it
+too (``prompts.source`` names the dataset), so every prompt drawn has an image.
+
+Sources:
+- a folder: ``metadata.jsonl`` with ``{"file_name": ..., "prompt": ...}`` lines (the Hugging
+  Face imagefolder layout; ``text`` or ``caption`` also name the prompt), or else image files
+  each with a caption file of the same stem (``cat.png`` + ``cat.txt``);
+- a ``.jsonl`` file with ``{"prompt": ..., "image": "path"}`` lines (paths relative to the file);
+- ``hf:<dataset id>`` or ``hf:<dataset id>@<split>`` (default split ``train``), read with the
+  ``datasets`` package (an optional extra) in streaming mode, the first ``max_examples`` usable
+  rows. Pick-a-Pic's layout (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) yields each row's
+  preferred image (ties are skipped); other datasets need a prompt column (``prompt``,
+  ``caption`` or ``text``) and an image column (``image``, ``jpg`` or ``png``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from align_gen.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROMPT_FIELDS = ("prompt", "caption", "text")
+IMAGE_FIELDS = ("image", "jpg", "png")
+DEFAULT_MAX_EXAMPLES = 20_000  # rows read from a streamed hub dataset
+
+ImageSource = Callable[[], Image.Image]
+
+
+@dataclasses.dataclass
+class PromptImageDataset:
+    """Prompts and a lazily opened image for each, with a lookup of the images of a prompt.
+
+    Attributes:
+        prompts: one prompt per example (a prompt may repeat).
+        sources: one zero-argument image opener per example.
+        name: where the examples came from, for error messages.
+    """
+
+    prompts: list[str]
+    sources: list[ImageSource]
+    name: str
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ConfigError(f"the dataset {self.name} has no (prompt, image) examples.")
+        self._by_prompt: dict[str, list[int]] = {}
+        for index, prompt in enumerate(self.prompts):
+            self._by_prompt.setdefault(prompt, []).append(index)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def images_for(self, prompts: Sequence[str], size: int, generator: torch.Generator) -> torch.Tensor:
+        """(B, 3, size, size) float32 images in [0, 1]: for each prompt, one of its images drawn
+        uniformly (centre-cropped to a square and resized)."""
+        images = []
+        for prompt in prompts:
+            choices = self._by_prompt.get(prompt)
+            if choices is None:
+                raise KeyError(f"the dataset {self.name} has no image for the prompt {prompt!r}.")
+            index = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+            images.append(to_square_tensor(self._open(index), size))
+        return torch.stack(images)
+
+    def _open(self, index: int) -> Image.Image:
+        try:
+            return self.sources[index]().convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"cannot read the image of example {index} ({self.prompts[index]!r}) in {self.name}: {error}"
+            ) from None
+
+
+def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) float32 in [0, 1]: the centre square of ``image``, resized (bicubic)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def is_image_dataset_source(source: str) -> bool:
+    """Whether ``source`` names a (prompt, image) dataset rather than a plain prompt list."""
+    if source.startswith("hf:"):
+        return True
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return True
+    if path.suffix == ".jsonl" and path.is_file():
+        first = next((line for line in path.read_text().splitlines() if line.strip()), "")
+        try:
+            return "image" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            return False
+    return False
+
+
+def load_image_dataset(source: str, max_examples: int = DEFAULT_MAX_EXAMPLES) -> PromptImageDataset:
+    """The (prompt, image) dataset named by ``source`` (see the module docstring); errors name
+    the file, line or column that is missing."""
+    if source.startswith("hf:"):
+        return _load_hub_dataset(source[3:], max_examples)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.suffix == ".jsonl" and path.is_file():
+        return _load_jsonl(path)
+    raise ConfigError(
+        f"{source} is not a (prompt, image) dataset: give a folder, a .jsonl file with "
+        '"prompt" and "image" fields, or hf:<dataset id>.'
+    )
+
+
+def _file_opener(path: Path) -> ImageSource:
+    return functools.partial(Image.open, path)
+
+
+def _load_jsonl(path: Path) -> PromptImageDataset:
+    prompts, sources = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, image = str(row["prompt"]), Path(row["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f'{path}:{number}: expected a JSON object with "prompt" and "image" fields.') from None
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise ConfigError(f"{path}:{number}: image file not found: {image}")
+        prompts.append(prompt)
+        sources.append(_file_opener(image))
+    return PromptImageDataset(prompts, sources, str(path))
+
+
+def _load_folder(folder: Path) -> PromptImageDataset:
+    metadata = folder / "metadata.jsonl"
+    prompts, sources = [], []
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+                prompt = next(str(row[key]) for key in PROMPT_FIELDS if key in row)
+            except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+                raise ConfigError(
+                    f'{metadata}:{number}: expected a JSON object with "file_name" and one of '
+                    f"{', '.join(PROMPT_FIELDS)}."
+                ) from None
+            if not (folder / name).is_file():
+                raise ConfigError(f"{metadata}:{number}: image file not found: {folder / name}")
+            prompts.append(prompt)
+            sources.append(_file_opener(folder / name))
+        return PromptImageDataset(prompts, sources, str(folder))
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise ConfigError(f"{image} has no caption file {caption.name} (or give the folder a metadata.jsonl).")
+        prompts.append(caption.read_text().strip())
+        sources.append(_file_opener(image))
+    return PromptImageDataset(prompts, sources, str(folder))
+
+
+@functools.lru_cache(maxsize=2)  # the prompt list and SePPO's winners read the same rows once
+def _load_hub_dataset(spec: str, max_examples: int) -> PromptImageDataset:
+    dataset_id, _, split = spec.partition("@")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"reading hf:{spec} needs the `datasets` package: pip install 'align-gen[data]' (or datasets)."
+        ) from None
+    try:
+        rows = datasets.load_dataset(dataset_id, split=split or "train", streaming=True)
+    except Exception as error:  # the hub client raises many types; all mean "cannot read it"
+        raise ConfigError(
+            f"cannot load the dataset hf:{spec} ({type(error).__name__}: {error}); offline, save it "
+            "with datasets' save_to_disk or export a folder / JSONL and point prompts.source at it."
+        ) from None
+    prompts, sources = [], []
+    for row in rows:
+        example = hub_row_example(row)
+        if example is not None:
+            prompts.append(example[0])
+            sources.append(example[1])
+        if len(prompts) >= max_examples:
+            break
+    return PromptImageDataset(prompts, sources, f"hf:{spec}")
+
+
+def hub_row_example(row: dict[str, Any]) -> tuple[str, ImageSource] | None:
+    """(prompt, image opener) of one hub dataset row, or None for a row without a preferred
+    image (a Pick-a-Pic tie). Raises ConfigError naming the columns when neither layout fits."""
+    if {"caption", "jpg_0", "jpg_1", "label_0"} <= row.keys():
+        if row["label_0"] == 0.5:
+            return None
+        winner = row["jpg_0"] if row["label_0"] == 1 else row["jpg_1"]
+        return str(row["caption"]), _opener(winner)
+    prompt_key = next((key for key in PROMPT_FIELDS if key in row), None)
+    image_key = next((key for key in IMAGE_FIELDS if key in row), None)
+    if prompt_key is None or image_key is None:
+        raise ConfigError(
+            f"the dataset row has columns {sorted(row)}; expected Pick-a-Pic's (caption, jpg_0, jpg_1, "
+            f"label_0) or a prompt column ({', '.join(PROMPT_FIELDS)}) and an image column "
+            f"({', '.join(IMAGE_FIELDS)})."
+        )
+    return str(row[prompt_key]), _opener(row[image_key])
+
+
+def _opener(value: Any) -> ImageSource:
+    """An opener for a hub image value: a PIL image, encoded bytes, or {"bytes": ...}."""
+    if isinstance(value, Image.Image):
+        return lambda: value
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, bytes):
+        return lambda: Image.open(io.BytesIO(value))
+    raise ConfigError(f"cannot read a dataset image of type {type(value).__name__}.")
