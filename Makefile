@@ -31,6 +31,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/sampling_overhead.py
 	$(PY) benchmarks/ddpo_update.py
+	$(PY) benchmarks/rebel_memory.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -160,12 +160,6 @@ class RunConfig:
             )
         if self.train.batch_size is None:
             self.train.batch_size = self.sample.batch_size
-        if self.train.batch_size % self.sample.samples_per_prompt:
-            raise ConfigError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"sample.samples_per_prompt ({self.sample.samples_per_prompt}): minibatches keep "
-                "the samples of one prompt together."
-            )
         total = self.sample.batch_size * self.sample.num_batches_per_epoch
         if self.train.batch_size <= 0 or total % self.train.batch_size:
             raise ConfigError(

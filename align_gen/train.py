@@ -236,8 +236,8 @@ def update(
     policy.model.train()
     group = config.sample.samples_per_prompt
     for _ in range(train_config.inner_epochs):
-        # Shuffle whole groups (the samples of one prompt draw), so objectives that compare
-        # samples of the same prompt (REBEL's pairs) always find them in one minibatch.
+        # Shuffle whole groups (the samples of one prompt draw), keeping each group's samples
+        # consecutive, so an even minibatch size never splits one of REBEL's pairs.
         group_order = torch.randperm(len(rollouts) // group, generator=generator)
         order = (group_order[:, None] * group + torch.arange(group)).flatten()
         minibatches = order.split(train_config.batch_size)

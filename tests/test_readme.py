@@ -50,3 +50,9 @@ def test_every_objective_and_its_knobs_are_in_the_readme() -> None:
 
 def test_readme_shows_the_two_commands() -> None:
     assert "make demo" in README and "make test" in README
+
+
+def test_every_shipped_config_is_in_the_readme() -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(configs.glob("*.yaml")):
+        assert f"configs/{path.name}" in README, path.name

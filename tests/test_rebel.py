@@ -91,3 +91,9 @@ def test_rebel_requires_pairs() -> None:
     with pytest.raises(ConfigError, match="samples_per_prompt must be even"):
         config = load_config(None, ["objective.name=rebel"])
         build_objective(config.objective).check(config)
+    odd_minibatch = load_config(
+        None,
+        ["objective.name=rebel", "sample.samples_per_prompt=2", "sample.batch_size=6", "train.batch_size=3"],
+    )
+    with pytest.raises(ConfigError, match="train.batch_size must be even"):
+        build_objective(odd_minibatch.objective).check(odd_minibatch)

@@ -87,6 +87,10 @@ class Rebel(Objective):
                 "rebel compares pairs of samples of one prompt: sample.samples_per_prompt must be "
                 f"even (2 is usual), got {run.sample.samples_per_prompt}."
             )
+        if run.train.batch_size % 2:
+            raise ConfigError(
+                f"rebel trains on whole pairs: train.batch_size must be even, got {run.train.batch_size}."
+            )
         if run.sample.eta <= 0:
             raise ConfigError("rebel needs a stochastic sampler: sample.eta must be > 0.")
 
