@@ -25,6 +25,7 @@ class Policy(Protocol):
     """What an objective may ask of a generative model."""
 
     device: torch.device
+    resolution: int  # side in pixels of the images the policy generates (or takes, for a VLM)
 
     def sample(
         self,

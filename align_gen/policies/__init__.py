@@ -26,13 +26,15 @@ def build_policy(
     """Loads ``model_config.pretrained`` and wraps it in the policy of its family:
     StableDiffusionPipeline -> DiffusionPolicy (UNet, DDIM), StableDiffusionXLPipeline ->
     SDXLPolicy (UNet with added conditioning, DDIM), StableDiffusion3Pipeline -> FlowPolicy
-    (flow transformer, flow SDE). ``lora_path`` applies trained LoRA weights first.
+    (flow transformer, flow SDE), FluxPipeline -> FluxPolicy (the same with packed latents, T5
+    conditioning and distilled guidance). ``lora_path`` applies trained LoRA weights first.
 
     Raises:
         MissingWeightsError: the model or ``lora_path`` cannot be found.
         ConfigError: the pipeline's class has no policy.
     """
     from diffusers import (
+        FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -40,6 +42,7 @@ def build_policy(
 
     from align_gen.policies.diffusion import DiffusionPolicy, SDXLPolicy
     from align_gen.policies.flow import FlowPolicy
+    from align_gen.policies.flux import FluxPolicy
 
     pipeline = load_pipeline(
         model_config.pretrained,
@@ -51,6 +54,7 @@ def build_policy(
         StableDiffusionPipeline: DiffusionPolicy,
         StableDiffusionXLPipeline: SDXLPolicy,
         StableDiffusion3Pipeline: FlowPolicy,
+        FluxPipeline: FluxPolicy,
     }
     policy_class = next((policy for kind, policy in families.items() if isinstance(pipeline, kind)), None)
     if policy_class is None:

@@ -115,7 +115,12 @@ class DenoiserPolicy:
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler = scheduler
-        self.scheduler.set_timesteps(sample_config.num_steps, device=self.device)
+        self._set_timesteps()
+
+    def _set_timesteps(self) -> None:
+        """Puts ``self.scheduler`` on the ``sample.num_steps`` sampling grid; a subclass may pass
+        more (FLUX's resolution-dependent shift)."""
+        self.scheduler.set_timesteps(self.sample_config.num_steps, device=self.device)
 
     def _configure_model(self, trainable: bool) -> None:
         """Freezes the model, or makes LoRA adapters / the whole model trainable in float32."""
@@ -176,7 +181,8 @@ class DenoiserPolicy:
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
         side = self.resolution // self.vae_scale_factor
-        shape = (len(prompts), self.model.config.in_channels, side, side)
+        # The VAE's channels, not the denoiser's input width (FLUX's takes 2x2-packed latents).
+        shape = (len(prompts), self.vae.config.latent_channels, side, side)
         noise_device = generator.device if generator is not None else self.device
         latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
         return self.encode_prompts(prompts), latents

@@ -53,27 +53,36 @@ class FlowPolicy(DenoiserPolicy):
         """Wraps ``pipeline``; ``trainable=False`` freezes everything (sampling, evaluation)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-        if scheduler.config.use_dynamic_shifting:
-            raise ConfigError(
-                "the flow policy needs a fixed-shift schedule; this scheduler uses resolution-"
-                "dependent shifting (use_dynamic_shifting=True), which is not supported yet."
-            )
-        self._attach(pipeline, model_config, sample_config, device, scheduler)
         self.model = self.transformer = pipeline.transformer
         self.denoiser = self.model
         self.vae = pipeline.vae.requires_grad_(False).eval()
+        # Before the sampling grid: a resolution-dependent shift (FLUX) reads it.
+        self.resolution = sample_config.resolution or self._native_resolution()
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self._attach(pipeline, model_config, sample_config, device, scheduler)
         self.text_encoders = [
             encoder.requires_grad_(False).eval()
-            for encoder in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3)
-            if encoder is not None
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if (encoder := getattr(pipeline, name, None)) is not None
         ]
         for module in (self.transformer, self.vae, *self.text_encoders):
             module.to(self.device)
         self._configure_model(trainable)
-        # Read once (ModelMixin.dtype walks every submodule); pos_embed is never a LoRA target.
-        self.model_dtype = self.transformer.pos_embed.proj.weight.dtype
-        self.resolution = sample_config.resolution or self.transformer.config.sample_size * self.vae_scale_factor
+        # Read once (ModelMixin.dtype walks every submodule): the frozen weights' dtype, or
+        # float32 when every weight is trained (trainable weights are always float32).
+        self.model_dtype = next((p.dtype for p in self.transformer.parameters() if not p.requires_grad), torch.float32)
+
+    def _native_resolution(self) -> int:
+        """The image side in pixels the model was built for (``sample.resolution`` unset)."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    def _set_timesteps(self) -> None:
+        if self.scheduler.config.use_dynamic_shifting:
+            raise ConfigError(
+                "the SD3 flow policy needs a fixed-shift schedule; this scheduler uses resolution-"
+                "dependent shifting (use_dynamic_shifting=True), which only the FLUX policy supports."
+            )
+        super()._set_timesteps()
 
     # ----------------------------------------------------------------------------------------
     # the model-specific forward pieces

@@ -5,8 +5,9 @@ AutoencoderKL, UNet2DConditionModel, DDIM scheduler) of about 1M parameters with
 weights, built deterministically from a seed and with no download. Tests, CI and the offline
 demo use it: every code path is the one a real SD1.5 checkpoint takes, only smaller. Its
 tokenizer is a transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships,
-so it produces the same ids as the real SD tokenizer. ``align-gen:tiny-random-sd3`` and
-``align-gen:tiny-random-sdxl`` are the same idea for Stable Diffusion 3 and Stable Diffusion XL.
+so it produces the same ids as the real SD tokenizer. ``align-gen:tiny-random-sd3``,
+``align-gen:tiny-random-sdxl`` and ``align-gen:tiny-random-flux`` are the same idea for Stable
+Diffusion 3, Stable Diffusion XL and FLUX.1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import string
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -257,10 +259,84 @@ def build_tiny_random_sdxl(seed: int = 0, sample_size: int = 32):
     )
 
 
+def build_t5_tokenizer(model_max_length: int = 77):
+    """A T5 tokenizer (Unigram, T5's <pad>=0 </s>=1 <unk>=2 layout) over single characters,
+    built in-process: T5's real vocabulary is a 32k-piece sentencepiece model we do not ship."""
+    from transformers import T5Tokenizer
+
+    characters = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # U+2581: T5's word start
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -3.0) for c in characters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_tiny_random_flux(seed: int = 0, sample_size: int = 32, guidance_embeds: bool = True):
+    """A random tiny FLUX.1 pipeline: 64 px images, 32x32x16 latents (16x16 tokens of 64), a
+    27k-parameter transformer (1.8M in all, mostly the CLIP vocabulary's embedding).
+
+    A 1-layer T5 encoder (width 32, fills joint_attention_dim) on a character-level T5 tokenizer
+    of 77 tokens, the tiny CLIP text encoder (its pooled output, 32, is pooled_projection_dim),
+    one double and one single transformer block (2 heads of 8, rope axes 2 + 2 + 4),
+    FLUX's VAE factors and FLUX's resolution-dependent scheduler. ``guidance_embeds=True`` is a
+    guidance-distilled model like FLUX.1-dev; False, one like FLUX.1-schnell (true CFG).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # 16 latent channels in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    # FLUX's VAE: 16 latent channels, shifted and scaled latents (FLUX's own factors).
+    vae = _tiny_vae(
+        latent_channels=16,
+        sample_size=sample_size * 2,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    tokenizer_2 = build_t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    )
+    # FLUX.1-dev's scheduler config: the shift follows the image's token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
 BUILTIN_MODELS = {
     "tiny-random-sd": build_tiny_random_sd,
     "tiny-random-sd3": build_tiny_random_sd3,
     "tiny-random-sdxl": build_tiny_random_sdxl,
+    "tiny-random-flux": build_tiny_random_flux,
 }
 
 
@@ -272,7 +348,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
 ):
     """A diffusers pipeline from a built-in name, a local folder or a hub id; its class comes
-    from the model's ``model_index.json`` (StableDiffusionPipeline, StableDiffusion3Pipeline, ...).
+    from the model's ``model_index.json`` (StableDiffusionPipeline, FluxPipeline, ...).
 
     Raises:
         MissingWeightsError: the folder does not exist, or the hub id is not cached and the
