@@ -363,7 +363,7 @@ def test_missing_and_empty_prompt_files(
     ("model", "fragment"),
     [
         ("./no/such/model", "model folder not found: ./no/such/model"),
-        ("align-gen:tiny-random-flux", "unknown built-in model 'align-gen:tiny-random-flux'"),
+        ("align-gen:tiny-random-kandinsky", "unknown built-in model 'align-gen:tiny-random-kandinsky'"),
     ],
 )
 def test_sample_missing_model(
