@@ -147,13 +147,16 @@ class AWM(Objective):
         for k in range(self.config.num_timesteps):
             timesteps = batch.timesteps[rows, steps[:, k]]  # (B,)
             noise = torch.randn(batch.final_samples.shape, generator=generator).to(device)
+            divergence = ema_divergence = None
             if references:
                 terms = policy.matching_terms(batch, t=timesteps, noise=noise, references=references)
-                matching, divergences = terms.loss, list(terms.divergence)
+                matching = terms.loss
+                if self.config.beta > 0:
+                    divergence = terms.divergence[0]
+                if self.ema is not None:
+                    ema_divergence = terms.divergence[-1]
             else:
-                matching, divergences = policy.matching_loss(batch, t=timesteps, noise=noise), []
-            divergence = divergences.pop(0) if self.config.beta > 0 else None
-            ema_divergence = divergences.pop(0) if self.ema is not None else None
+                matching = policy.matching_loss(batch, t=timesteps, noise=noise)
             loss, metrics = awm_loss(
                 matching, policy.noise_level(timesteps), batch.advantages, divergence, self.config, ema_divergence
             )
