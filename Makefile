@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/sampling_overhead.py
 	$(PY) benchmarks/ddpo_update.py
 	$(PY) benchmarks/rebel_memory.py
+	$(PY) benchmarks/vlm_sampling.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -43,13 +43,21 @@ def _build_parser() -> argparse.ArgumentParser:
         ("evaluate", "score samples with reward models: mean and std per reward"),
     ):
         command = commands.add_parser(name, help=helptext)
-        command.add_argument("model", help="hub id, diffusers folder, align-gen:NAME, or a run's final/ folder")
-        command.add_argument("--lora", help="folder with LoRA weights (pipe.load_lora_weights format)")
-        command.add_argument("--prompts", required=True, help="prompt file (.txt, .jsonl) or builtin:NAME")
+        command.add_argument(
+            "model", help="hub id, diffusers or transformers VLM folder, align-gen:NAME, or a run's final/ folder"
+        )
+        command.add_argument("--lora", help="folder with LoRA weights (what align-gen train saves)")
+        command.add_argument(
+            "--prompts",
+            required=True,
+            help="prompt file (.txt, .jsonl) or builtin:NAME; for a VLM an (image, prompt) dataset (folder or .jsonl)",
+        )
         command.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sample per prompt per seed")
         command.add_argument("--steps", type=int, default=50, help="denoising steps")
         command.add_argument("--guidance-scale", type=float, default=5.0)
         command.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
+        command.add_argument("--max-new-tokens", type=int, default=32, help="VLM answer length cap")
+        command.add_argument("--temperature", type=float, default=1.0, help="VLM sampling temperature (> 0)")
         command.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     commands.choices["sample"].add_argument("--out", default="grid.png", help="output PNG")
@@ -88,6 +96,8 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         raise AlignGenError(f"--steps must be >= 1, got {args.steps}.")
     if not args.eta > 0:
         raise AlignGenError(f"--eta must be > 0 (the sampler records log-probs), got {args.eta}.")
+    if args.max_new_tokens < 1 or not args.temperature > 0:
+        raise AlignGenError("--max-new-tokens must be >= 1 and --temperature > 0.")
     if getattr(args, "batch_size", 1) < 1:
         raise AlignGenError(f"--batch-size must be >= 1, got {args.batch_size}.")
 
@@ -97,7 +107,7 @@ def _load_policy(args: argparse.Namespace):
 
     from align_gen.config import ModelConfig, SampleConfig
     from align_gen.policies import build_policy
-    from align_gen.policies.common import MODEL_CARD_FILE
+    from align_gen.policies.weights import MODEL_CARD_FILE
 
     model, lora = args.model, args.lora
     card = Path(model) / MODEL_CARD_FILE
@@ -106,7 +116,13 @@ def _load_policy(args: argparse.Namespace):
         if description["kind"] == "lora":
             model, lora = description["base_model"], lora or args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sample = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    sample = SampleConfig(
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
     return build_policy(
         ModelConfig(pretrained=model, dtype=args.dtype), sample, device, trainable=False, lora_path=lora
     )
@@ -117,8 +133,8 @@ def _sample(args: argparse.Namespace) -> int:
     from pipelines.grid import sample_grid
 
     _check_sampling_args(args)
-    prompts = load_prompts(args.prompts)
     policy = _load_policy(args)
+    prompts = load_prompts(args.prompts, visual=policy.takes_images)
     image = sample_grid(policy, prompts, args.seeds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
@@ -134,7 +150,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from reward_models import get_reward
 
     _check_sampling_args(args)
-    prompts = load_prompts(args.prompts)
     options: dict = {}
     for option in args.reward_option:
         apply_override(options, option)
@@ -143,14 +158,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise AlignGenError(f"--reward-option names rewards not given with --reward: {', '.join(sorted(unknown))}")
     rewards = {name: get_reward(name, **options.get(name, {})) for name in args.reward}
     policy = _load_policy(args)
+    prompts = load_prompts(args.prompts, visual=policy.takes_images)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
     for seed in args.seeds:
         generator = torch.Generator().manual_seed(seed)
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            images = policy.sample(batch, generator=generator).images
+            rollout = policy.sample(batch, generator=generator)
             for name, reward in rewards.items():
-                scores[name].append(torch.as_tensor(reward(images, batch)).float().cpu())
+                scores[name].append(torch.as_tensor(reward(rollout.images, batch, texts=rollout.texts)).float().cpu())
     results = {}
     for name, values in scores.items():
         values = torch.cat(values)

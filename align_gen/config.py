@@ -26,15 +26,17 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 @dataclasses.dataclass
 class LoraConfig:
-    """LoRA adapters on the denoiser (peft). ``enabled: false`` fine-tunes all its weights."""
+    """LoRA adapters (peft) on the denoiser or a VLM's language model. ``enabled: false``
+    fine-tunes all their weights."""
 
     enabled: bool = True
     rank: int = 4  # DDPO anchor: 4
     alpha: float = 4.0  # scale = alpha / rank; the anchor uses alpha == rank
     dropout: float = 0.0
-    target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
-    )  # attention projections of diffusers' UNet / transformer blocks
+    # Module names (or name suffixes) that get adapters; empty = the family's attention
+    # projections: [to_q, to_k, to_v, to_out.0] for diffusers' UNet / transformer blocks,
+    # [q_proj, k_proj, v_proj, o_proj] for a VLM's language model.
+    target_modules: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -47,6 +49,7 @@ class ModelConfig:
     dtype: Dtype = "float32"  # dtype of the frozen weights; trainable weights stay float32
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the `gpu` extra and CUDA
     gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
+    train_vision_tower: bool = False  # VLM only: also adapt (LoRA) or train (full) the vision encoder
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
@@ -65,6 +68,12 @@ class SampleConfig:
     samples_per_prompt: int = 1  # >1 draws groups of the same prompt (REBEL pairs, AWM groups)
     resolution: int | None = None  # image side in pixels; None = the model's native size
     negative_prompt: str = ""  # the unconditional branch of CFG
+    # VLM policies only: the answer sampler (log-probs are of the temperature-scaled softmax;
+    # top_p < 1 or top_k > 0 filter sampling only, which makes ratios slightly off-policy).
+    max_new_tokens: int = 32  # answer length cap, end-of-sequence token included
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
 
 
 @dataclasses.dataclass
@@ -108,6 +117,9 @@ class PromptConfig:
     """Where training prompts come from."""
 
     source: str = "builtin:simple_animals"  # builtin:NAME, a .txt file (one per line) or .jsonl
+    # VLM only: one question asked about every image of the dataset, replacing its prompts
+    # (e.g. "Describe this image in one sentence." for an image-caption dataset).
+    instruction: str | None = None
 
 
 @dataclasses.dataclass
@@ -149,7 +161,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, ["epochs", "save_every", "keep_checkpoints"])
-        _check_positive(self.sample, ["num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt"], "sample")
+        _check_positive(
+            self.sample,
+            ["num_steps", "batch_size", "num_batches_per_epoch", "samples_per_prompt", "max_new_tokens", "temperature"],
+            "sample",
+        )
+        if not 0 < self.sample.top_p <= 1 or self.sample.top_k < 0:
+            raise ConfigError(
+                f"sample.top_p must be in (0, 1] and sample.top_k >= 0 (0 = off); got {self.sample.top_p}, {self.sample.top_k}."
+            )
         _check_positive(self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm"], "train")
         if not self.sample.noise_level >= 0:
             raise ConfigError(f"sample.noise_level must be >= 0 (0 = the ODE), got {self.sample.noise_level!r}.")

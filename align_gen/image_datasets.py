@@ -1,7 +1,10 @@
-"""Datasets of (prompt, image) pairs: a folder, a JSONL file, or a Hugging Face dataset id.
+"""Datasets of (prompt, image[, answer]) examples: a folder, a JSONL file, or a Hugging Face
+dataset id.
 
-SePPO takes its winners from such a dataset, and a run that uses one takes its prompts from it
-too (``prompts.source`` names the dataset), so every prompt drawn has an image.
+Two uses: SePPO's winners for a text-to-image model (a run that uses one takes its prompts from
+it too, so every prompt drawn has an image), and a vision-language model's inputs, where each
+example becomes a :class:`~align_gen.types.VisualPrompt` (the prompt is the question about the
+image; an optional ``answer`` field is the reference answer rule rewards and SePPO use).
 
 Sources:
 - a folder: ``metadata.jsonl`` with ``{"file_name": ..., "prompt": ...}`` lines (the Hugging
@@ -13,6 +16,8 @@ Sources:
   rows. Pick-a-Pic's layout (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) yields each row's
   preferred image (ties are skipped); other datasets need a prompt column (``prompt``,
   ``caption`` or ``text``) and an image column (``image``, ``jpg`` or ``png``).
+Every layout may add an answer (``answer``, VQAv2's ``multiple_choice_answer``, or the first of
+a list in ``answers``, whose items may be ``{"answer": ...}`` records).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import torch
 from PIL import Image
 
 from align_gen.errors import ConfigError
+from align_gen.types import VisualPrompt
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PROMPT_FIELDS = ("prompt", "caption", "text")
+PROMPT_FIELDS = ("prompt", "caption", "text", "question")
 IMAGE_FIELDS = ("image", "jpg", "png")
+ANSWER_FIELDS = ("answer", "multiple_choice_answer", "answers")  # VQAv2 has the last two
 DEFAULT_MAX_EXAMPLES = 20_000  # rows read from a streamed hub dataset
 
 ImageSource = Callable[[], Image.Image]
@@ -47,11 +54,13 @@ class PromptImageDataset:
         prompts: one prompt per example (a prompt may repeat).
         sources: one zero-argument image opener per example.
         name: where the examples came from, for error messages.
+        answers: one reference answer (or None) per example, or None when the dataset has none.
     """
 
     prompts: list[str]
     sources: list[ImageSource]
     name: str
+    answers: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -82,6 +91,30 @@ class PromptImageDataset:
             raise ConfigError(
                 f"cannot read the image of example {index} ({self.prompts[index]!r}) in {self.name}: {error}"
             ) from None
+
+    def visual_prompts(self) -> list[VisualPrompt]:
+        """The examples as a vision-language model's prompts (question, image, answer)."""
+        answers = self.answers or [None] * len(self)
+        return [
+            VisualPrompt(prompt, f"{self.name}#{index}", functools.partial(self._open, index), answer)
+            for index, (prompt, answer) in enumerate(zip(self.prompts, answers, strict=True))
+        ]
+
+
+def load_prompt_images(prompts: Sequence[VisualPrompt], size: int) -> torch.Tensor:
+    """(B, 3, size, size) float32 in [0, 1]: the images of ``prompts``, centre-cropped to a
+    square and resized."""
+    return torch.stack([to_square_tensor(prompt.open_image().convert("RGB"), size) for prompt in prompts])
+
+
+def row_answer(row: dict[str, Any]) -> str | None:
+    """A row's reference answer (see the module docstring); None when absent."""
+    value = next((row[key] for key in ANSWER_FIELDS if key in row), None)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(value, dict):
+        value = value.get("answer")
+    return None if value is None else str(value)
 
 
 def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -125,12 +158,16 @@ def load_image_dataset(source: str, max_examples: int = DEFAULT_MAX_EXAMPLES) ->
     )
 
 
+def _some(answers: list[str | None]) -> list[str | None] | None:
+    return answers if any(answer is not None for answer in answers) else None
+
+
 def _file_opener(path: Path) -> ImageSource:
     return functools.partial(Image.open, path)
 
 
 def _load_jsonl(path: Path) -> PromptImageDataset:
-    prompts, sources = [], []
+    prompts, sources, answers = [], [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -144,12 +181,13 @@ def _load_jsonl(path: Path) -> PromptImageDataset:
             raise ConfigError(f"{path}:{number}: image file not found: {image}")
         prompts.append(prompt)
         sources.append(_file_opener(image))
-    return PromptImageDataset(prompts, sources, str(path))
+        answers.append(row_answer(row))
+    return PromptImageDataset(prompts, sources, str(path), _some(answers))
 
 
 def _load_folder(folder: Path) -> PromptImageDataset:
     metadata = folder / "metadata.jsonl"
-    prompts, sources = [], []
+    prompts, sources, answers = [], [], []
     if metadata.is_file():
         for number, line in enumerate(metadata.read_text().splitlines(), start=1):
             if not line.strip():
@@ -167,7 +205,8 @@ def _load_folder(folder: Path) -> PromptImageDataset:
                 raise ConfigError(f"{metadata}:{number}: image file not found: {folder / name}")
             prompts.append(prompt)
             sources.append(_file_opener(folder / name))
-        return PromptImageDataset(prompts, sources, str(folder))
+            answers.append(row_answer(row))
+        return PromptImageDataset(prompts, sources, str(folder), _some(answers))
     for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = image.with_suffix(".txt")
         if not caption.is_file():
@@ -193,15 +232,16 @@ def _load_hub_dataset(spec: str, max_examples: int) -> PromptImageDataset:
             f"cannot load the dataset hf:{spec} ({type(error).__name__}: {error}); offline, save it "
             "with datasets' save_to_disk or export a folder / JSONL and point prompts.source at it."
         ) from None
-    prompts, sources = [], []
+    prompts, sources, answers = [], [], []
     for row in rows:
         example = hub_row_example(row)
         if example is not None:
             prompts.append(example[0])
             sources.append(example[1])
+            answers.append(row_answer(row))
         if len(prompts) >= max_examples:
             break
-    return PromptImageDataset(prompts, sources, f"hf:{spec}")
+    return PromptImageDataset(prompts, sources, f"hf:{spec}", _some(answers))
 
 
 def hub_row_example(row: dict[str, Any]) -> tuple[str, ImageSource] | None:

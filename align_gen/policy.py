@@ -26,6 +26,11 @@ class Policy(Protocol):
 
     device: torch.device
     resolution: int  # side in pixels of the images the policy generates (or takes, for a VLM)
+    # True for a VLM: its prompts are VisualPrompts (an image and a question).
+    takes_images: bool
+    # True when step_log_prob costs one forward pass however many steps it scores (a VLM's
+    # teacher-forced pass); objectives then score all steps at once instead of one at a time.
+    scores_all_steps_at_once: bool
 
     def sample(
         self,
@@ -37,9 +42,10 @@ class Policy(Protocol):
         """Runs the stochastic sampler without grad and records trajectory and log-probs.
 
         Args:
-            prompts: B text prompts.
+            prompts: B text prompts, or a VLM's B :class:`~align_gen.types.VisualPrompt`.
             generator: makes the sample reproducible.
-            images: (B, 3, H, W) in [0, 1], the input images of a VLM; None for text-to-image.
+            images: (B, 3, H, W) in [0, 1], the input images of a VLM whose ``prompts`` are
+                strings; None for text-to-image (and for VisualPrompts, which carry their own).
         """
         ...
 
@@ -92,14 +98,20 @@ class Policy(Protocol):
         draws), for losses that need fresh noise levels."""
         ...
 
+    def training_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, ...) standard normal noise shaped like the clean samples, for
+        :meth:`matching_loss`; a VLM, which adds no noise, returns (B, 0)."""
+        ...
+
     def encode_samples(self, samples: torch.Tensor | Sequence[str]) -> torch.Tensor:
         """Data samples in the representation :meth:`matching_loss` takes as ``clean``:
-        diffusion: (B, C, h, w) latents of (B, 3, H, W) images in [0, 1]; VLM: answer tokens."""
+        diffusion: (B, C, h, w) latents of (B, 3, H, W) images in [0, 1]; VLM: (B, T) answer
+        tokens of B texts."""
         ...
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) float in [0, 1]: the noise level of the policy's timesteps (t / N for DDPM
-        schedules, sigma for flow matching); objectives weight by it."""
+        schedules, sigma for flow matching, 1 for a VLM's tokens); objectives weight by it."""
         ...
 
     def reference(self, weights: dict[str, torch.Tensor] | None = None) -> AbstractContextManager[None]:

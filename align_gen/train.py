@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align_gen.config import RunConfig, TrainConfig, save_config
-from align_gen.errors import RewardError
+from align_gen.errors import ConfigError, RewardError
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
-from align_gen.policies import DenoiserPolicy, build_policy
+from align_gen.policies import build_policy
+from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
 from align_gen.tracking import METRICS_FILE, MetricsLog, plot_learning_curve
-from align_gen.types import Rollout
+from align_gen.types import Rollout, VisualPrompt
 from pipelines.grid import sample_grid
 from reward_models import build_reward
 
@@ -61,14 +62,19 @@ def train(config: RunConfig) -> TrainResult:
 
     objective = build_objective(config.objective)
     objective.check(config)
-    prompts = load_prompts(config.prompts.source)
-    grid_prompts = config.grid.prompts or prompts[: config.grid.num_prompts]
+    policy = build_policy(config.model, config.sample, accelerator.device)
+    prompts = load_prompts(config.prompts.source, visual=policy.takes_images, instruction=config.prompts.instruction)
+    grid_prompts = _grid_prompts(config, prompts, policy)
     reward_fn = build_reward(config.reward.weights, config.reward.options)
+    if getattr(reward_fn, "needs_texts", False) and not policy.takes_images:
+        raise ConfigError(
+            f"the reward {reward_fn.name!r} scores generated texts, so it needs a vision-language policy; "
+            f"{config.model.pretrained!r} generates images."
+        )
     advantage_settings = {"clip": config.advantage.clip}
     if config.advantage.kind == "per_prompt":
         advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
     advantage_fn = build_advantage_fn(config.advantage.kind, **advantage_settings)
-    policy = build_policy(config.model, config.sample, accelerator.device)
     optimizer = build_optimizer(policy, config.train)
 
     objective.setup(policy, config)
@@ -83,7 +89,7 @@ def train(config: RunConfig) -> TrainResult:
         objective.load_state_dict(checkpoint.objective_state)
         start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
         accelerator.print(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
-    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
 
     log = MetricsLog(
         output_dir, start_epoch=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
@@ -111,7 +117,7 @@ def train(config: RunConfig) -> TrainResult:
         # 2. rewards, 3. advantages over the global batch
         rewards = score(reward_fn, rollouts).to(accelerator.device)
         all_rewards = accelerator.gather(rewards).cpu()
-        all_prompts = gather_object(rollouts.prompts)
+        all_prompts = gather_object([_prompt_key(prompt) for prompt in rollouts.prompts])
         all_advantages = advantage_fn(all_prompts, all_rewards)
         local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
         rollouts.rewards = rewards
@@ -165,7 +171,7 @@ def train(config: RunConfig) -> TrainResult:
     return _result(output_dir, final_model, curve, grids)
 
 
-def build_optimizer(policy: DenoiserPolicy, train_config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(policy: Policy, train_config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the policy's trainable parameters, as ``train:`` configures it."""
     return torch.optim.AdamW(
         list(policy.trainable_parameters()),
@@ -177,7 +183,7 @@ def build_optimizer(policy: DenoiserPolicy, train_config: TrainConfig) -> torch.
 
 
 def collect_rollouts(
-    policy: DenoiserPolicy,
+    policy: Policy,
     objective: Objective,
     prompts: list[str],
     config: RunConfig,
@@ -201,7 +207,7 @@ def collect_rollouts(
 @torch.no_grad()
 def score(reward_fn, rollouts: Rollout) -> torch.Tensor:
     """(B,) float32 rewards; a non-finite reward stops the run (it would poison the update)."""
-    rewards = torch.as_tensor(reward_fn(rollouts.images, rollouts.prompts)).float().flatten()
+    rewards = torch.as_tensor(reward_fn(rollouts.images, rollouts.prompts, texts=rollouts.texts)).float().flatten()
     if rewards.shape[0] != len(rollouts):
         raise RewardError(f"reward {reward_fn.name!r} returned {rewards.shape[0]} values for {len(rollouts)} images.")
     bad = ~torch.isfinite(rewards)
@@ -215,7 +221,7 @@ def score(reward_fn, rollouts: Rollout) -> torch.Tensor:
 
 
 def update(
-    policy: DenoiserPolicy,
+    policy: Policy,
     objective: Objective,
     optimizer: torch.optim.Optimizer,
     rollouts: Rollout,
@@ -266,6 +272,23 @@ def update(
 def _reward_term_metrics(reward_fn) -> dict[str, Any]:
     terms = getattr(reward_fn, "last_terms", None) or {}
     return {f"reward/{name}": float(values.float().mean()) for name, values in terms.items()}
+
+
+def _prompt_key(prompt: str | VisualPrompt) -> str | tuple[str, str]:
+    """What identifies a prompt across processes for per-prompt statistics (a VisualPrompt's
+    image opener need not be picklable)."""
+    return (prompt.text, prompt.image_key) if isinstance(prompt, VisualPrompt) else prompt
+
+
+def _grid_prompts(config: RunConfig, prompts: list, policy: Policy) -> list:
+    """``grid.prompts``, or the first ``grid.num_prompts`` training prompts (a VLM's grid always
+    takes dataset examples: its prompts need images)."""
+    if config.grid.prompts and policy.takes_images:
+        raise ConfigError(
+            "grid.prompts lists text prompts, but a vision-language model's grid shows dataset examples: "
+            "leave grid.prompts empty and set grid.num_prompts."
+        )
+    return config.grid.prompts or prompts[: config.grid.num_prompts]
 
 
 def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int, accelerator: Accelerator) -> Path:

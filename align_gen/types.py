@@ -28,15 +28,52 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return value
 
 
+def _cat_left_padded(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenates along dim 0; token tensors (B, L) of different lengths L (the prompts of
+    a VLM's batches) are first left-padded with zeros to the longest, which their zero
+    attention mask marks as padding."""
+    length = max(t.shape[1] for t in tensors) if tensors[0].dim() == 2 else None
+    if length is not None and any(t.shape[1] != length for t in tensors):
+        tensors = [torch.nn.functional.pad(t, (length - t.shape[1], 0)) for t in tensors]
+    return torch.cat(list(tensors))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualPrompt:
+    """A vision-language model's prompt: a question about an image, and the dataset's answer
+    when it has one.
+
+    Compared and hashed by (text, image_key, answer), never by pixels, so per-prompt advantage
+    statistics, REBEL's pairing and SePPO's winners treat it like a text prompt. ``str()`` is
+    the question.
+
+    Attributes:
+        text: the question or instruction.
+        image_key: what identifies the image (a file path, or a dataset name and row).
+        open_image: returns the image as a PIL image (opened lazily, when sampled).
+        answer: the dataset's answer (rule rewards compare with it; SePPO prefers it), or None.
+    """
+
+    text: str
+    image_key: str
+    open_image: Callable[[], Any] = dataclasses.field(compare=False, repr=False)
+    answer: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclasses.dataclass
 class Rollout:
     """A batch of samples drawn by a policy, with everything needed to re-score them.
 
     Attributes:
-        prompts: the B text prompts.
+        prompts: the B prompts: text (diffusion) or :class:`VisualPrompt` (VLM).
         trajectory: (B, T+1, C, h, w) the latents x_T .. x_0 visited by the sampler (diffusion);
-            x_0 is ``trajectory[:, -1]``. For a VLM: (B, L) prompt+answer token ids.
-        timesteps: (B, T) the scheduler timestep of each recorded transition, in sampling order.
+            x_0 is ``trajectory[:, -1]``. For a VLM: (B, T) the answer's token ids, -1 after
+            the end-of-sequence token (a token sequence is its own trajectory).
+        timesteps: (B, T) the scheduler timestep of each recorded transition, in sampling order
+            (a VLM: the token position).
         log_probs: (B, T) float32 log pi_old(x_{t-1} | x_t, c) of each transition, as recorded
             at sampling time (per-element mean for diffusion, per token for a VLM).
         step_mask: (B, T) bool, True where a step is a trainable transition (padding tokens and
@@ -48,11 +85,12 @@ class Rollout:
         texts: the generated answers (VLM) or None.
         rewards: (B,) float32, filled in by the trainer after scoring.
         advantages: (B,) float32, filled in by the trainer after normalisation.
-        preferred: (B, C, h, w) clean latents of a preferred sample of each prompt taken from a
-            dataset (SePPO's winners), or None.
+        preferred: a preferred sample of each prompt taken from a dataset (SePPO's winners), in
+            the representation of ``final_samples`` ((B, C, h, w) latents, or a VLM's (B, T)
+            answer tokens), or None.
     """
 
-    prompts: list[str]
+    prompts: list[str] | list[VisualPrompt]
     trajectory: Tensor
     timesteps: Tensor
     log_probs: Tensor
@@ -74,8 +112,9 @@ class Rollout:
 
     @property
     def final_samples(self) -> Tensor:
-        """(B, C, h, w) the clean samples x_0 (the last trajectory entry)."""
-        return self.trajectory[:, -1]
+        """The clean samples: (B, C, h, w) x_0, the last entry of a latent trajectory, or a
+        VLM's (B, T) answer tokens, the whole (2-D) token trajectory."""
+        return self.trajectory if self.trajectory.dim() == 2 else self.trajectory[:, -1]
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
         """A new rollout with ``fn`` applied to every batch-first tensor."""
@@ -112,7 +151,7 @@ class Rollout:
             elif isinstance(values[0], Tensor):
                 fields[f.name] = torch.cat(values)
             elif isinstance(values[0], dict):
-                fields[f.name] = {key: torch.cat([v[key] for v in values]) for key in values[0]}
+                fields[f.name] = {key: _cat_left_padded([v[key] for v in values]) for key in values[0]}
             else:
                 fields[f.name] = [item for value in values for item in value]
         return Rollout(**fields)

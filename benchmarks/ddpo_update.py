@@ -100,7 +100,7 @@ def main() -> None:
     objective.check(config)
     policy = build_policy(config.model, config.sample, device)
     optimizer = build_optimizer(policy, config.train)
-    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     total = sum(p.numel() for p in policy.model.parameters())
 

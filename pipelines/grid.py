@@ -45,16 +45,22 @@ def render_grid(images: torch.Tensor, labels: Sequence[str], columns: int) -> Im
 
 
 @torch.no_grad()
-def sample_grid(policy, prompts: Sequence[str], seeds: Sequence[int]) -> Image.Image:
+def sample_grid(policy, prompts: Sequence, seeds: Sequence[int]) -> Image.Image:
     """Samples every prompt once per seed (one batch per seed) and renders prompts x seeds.
 
     Rows are prompts and columns are seeds; the same (prompt, seed) gives the same noise in
-    every call, so grids drawn at different epochs show how the same sample changed.
+    every call, so grids drawn at different epochs show how the same sample changed. A
+    vision-language model's cells are its input images, captioned with question and answer.
     """
-    columns = []
+    columns, answers = [], []
     for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        columns.append(policy.sample(list(prompts), generator=generator).images.cpu())
+        rollout = policy.sample(list(prompts), generator=torch.Generator().manual_seed(seed))
+        columns.append(rollout.images.cpu())
+        answers.append(rollout.texts)
     images = torch.stack(columns, dim=1).flatten(0, 1)  # (P * S, 3, H, W), row-major by prompt
-    labels = [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
+    labels = [
+        f"{prompt} (seed {seed})" if answers[j] is None else f"{prompt} -> {answers[j][i]} (seed {seed})"
+        for i, prompt in enumerate(prompts)
+        for j, seed in enumerate(seeds)
+    ]
     return render_grid(images, labels, columns=len(seeds))

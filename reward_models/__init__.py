@@ -1,13 +1,16 @@
 """Reward models: one call signature, a registry by name, and weighted sums.
 
-``reward(images (B, 3, H, W) float in [0, 1], prompts: list[str]) -> (B,) float32``.
-Registered names: ``jpeg_compressibility``, ``jpeg_incompressibility``, ``clip_score``,
-``aesthetic``; any ``"package.module:attr"`` spec works too. open_clip is imported only when a
-CLIP-based reward is built, so importing this package stays cheap.
+``reward(images (B, 3, H, W) float in [0, 1], prompts, *, texts=None) -> (B,) float32``, where
+prompts are strings or ``VisualPrompt`` objects and ``texts`` are a vision-language policy's
+generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
+``clip_score``, ``aesthetic``, ``pickscore``. Text rewards (they need ``texts``):
+``clip_text_image``, ``answer_match``, ``sequence_classifier``. Any ``"package.module:attr"``
+spec works too. open_clip is imported only when a CLIP-based reward is built, so importing this
+package stays cheap.
 """
 
 # Importing registers the built-ins; open_clip / transformers load only when a reward is built.
-from reward_models import aesthetic, clip_score, jpeg, pickscore  # noqa: F401
+from reward_models import aesthetic, clip_score, jpeg, pickscore, text  # noqa: F401
 from reward_models.aesthetic import AestheticHead, AestheticScore
 from reward_models.clip_score import ClipScore, OpenClipEncoder
 from reward_models.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
@@ -19,24 +22,30 @@ from reward_models.registry import (
     available_rewards,
     build_reward,
     check_reward_inputs,
+    check_reward_texts,
     get_reward,
     register_reward,
 )
+from reward_models.text import AnswerMatch, ClipTextImage, SequenceClassifier
 
 __all__ = [
     "AestheticHead",
     "AestheticScore",
+    "AnswerMatch",
     "BatchedReward",
     "ClipScore",
+    "ClipTextImage",
     "FunctionReward",
     "JpegCompressibility",
     "JpegIncompressibility",
     "OpenClipEncoder",
     "RewardFn",
+    "SequenceClassifier",
     "WeightedSum",
     "available_rewards",
     "build_reward",
     "check_reward_inputs",
+    "check_reward_texts",
     "get_reward",
     "jpeg_size_kb",
     "register_reward",

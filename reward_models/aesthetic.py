@@ -13,7 +13,6 @@ set, from the hub (``head_repo``/``head_filename``, the copy trl's DDPO example 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models.clip_score import OpenClipEncoder
+from reward_models.hub import hub_offline
 from reward_models.registry import BatchedReward, register_reward
 
 HEAD_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
@@ -46,14 +46,6 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings)
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub itself reads it only at import time)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
 def resolve_head_file(head_path: str | None, head_repo: str, head_filename: str) -> Path:
     """The local head file: ``head_path`` if given, else the hub file (cache-only offline)."""
     if head_path is not None:
@@ -67,7 +59,7 @@ def resolve_head_file(head_path: str | None, head_repo: str, head_filename: str)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(head_repo, head_filename, local_files_only=_hub_offline()))
+        return Path(hf_hub_download(head_repo, head_filename, local_files_only=hub_offline()))
     except Exception as err:  # offline, not cached, no such repo/file, HTTP errors
         raise MissingWeightsError(
             f"aesthetic: could not get {head_filename!r} from hub repo {head_repo!r} "

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from align_gen.errors import ConfigError, MissingWeightsError, RewardError
-from reward_models.aesthetic import _hub_offline  # HF_HUB_OFFLINE as set now, not at import
+from reward_models import hub
 from reward_models.clip_score import resolve_device, resolve_dtype
 from reward_models.registry import BatchedReward, register_reward
 
@@ -61,31 +61,9 @@ def resolve_source(value: str, option: str, example: str) -> tuple[str, bool]:
 
 
 def load_pretrained(loader: Any, source: str, local: bool, option: str, example: str) -> Any:
-    """``loader.from_pretrained(source)``, cache-only when offline, with one-line errors."""
-    offline = _hub_offline()
+    """PickScore's ``option`` (model or processor) from ``source``, with one-line errors."""
     fix = f"set reward.options.pickscore.{option}=/path/to/{example}"
-    try:
-        return loader.from_pretrained(source, local_files_only=offline)
-    except OSError as err:  # not cached / offline / no such repo / incomplete folder
-        if local:
-            # transformers' messages run on with advice about the hub; keep the first sentence.
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            reason = reason.split(". ")[0].rstrip(".")[:200]
-            raise MissingWeightsError(
-                f"pickscore: could not load the {option} from folder {source} ({reason}); "
-                f"{fix} (a save_pretrained folder)"
-            ) from err
-        raise MissingWeightsError(
-            f"pickscore: could not load {option} {source!r} from the hub"
-            f"{' offline' if offline else ''} ({type(err).__name__}); download it once with "
-            f"network access (huggingface-cli download {source}), or {fix}"
-        ) from err
-    except (ValueError, KeyError, RuntimeError, TypeError) as err:  # wrong kind of checkpoint
-        reason = (str(err).strip().splitlines() or [""])[0][:300]
-        raise RewardError(
-            f"pickscore: {option} {source!r} is not a {loader.__name__} checkpoint: "
-            f"{type(err).__name__}: {reason}"
-        ) from err
+    return hub.load_pretrained(loader, source, local, what=f"pickscore: {option}", fix=fix)
 
 
 def _size_field(size: Any, key: str) -> int | None:

@@ -2,12 +2,21 @@
 
 Every reward is a callable object with a ``name`` and one signature::
 
-    reward(images: Tensor (B, 3, H, W) float in [0, 1], prompts: list[str]) -> Tensor (B,) float32
+    reward(
+        images: Tensor (B, 3, H, W) float in [0, 1],
+        prompts: list[str] | list[VisualPrompt],
+        *,
+        texts: list[str] | None = None,
+    ) -> Tensor (B,) float32
 
-The scores come back on the images' device. A reward is found by registry name
+``images`` are a diffusion policy's samples, or a vision-language policy's input images;
+``texts`` are a vision-language policy's generated answers (None for diffusion). Image rewards
+ignore ``texts``; text rewards (``needs_texts = True``) score them and raise ``RewardError`` when
+they are None. The scores come back on the images' device. A reward is found by registry name
 (``get_reward("aesthetic")``) or by a ``"package.module:attr"`` spec naming a reward class, a
-factory, or a plain function with the signature above. ``build_reward`` turns the ``weights`` /
-``options`` of a config into one callable (a ``WeightedSum`` when there are several terms).
+factory, or a plain function of ``(images, prompts)`` or ``(images, prompts, texts)``.
+``build_reward`` turns the ``weights`` / ``options`` of a config into one callable (a
+``WeightedSum`` when there are several terms).
 """
 
 from __future__ import annotations
@@ -22,23 +31,33 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 
 from align_gen.errors import ConfigError, RewardError
+from align_gen.types import VisualPrompt
 
 # Values this far outside [0, 1] are a caller bug (e.g. images still in [-1, 1]), not rounding.
 RANGE_TOLERANCE = 1e-3
 
+# A diffusion policy's prompts are text; a vision-language policy's are questions about images.
+Prompt = str | VisualPrompt
+
 
 @runtime_checkable
 class RewardFn(Protocol):
-    """Anything that scores a batch of images against their prompts."""
+    """Anything that scores a batch of images (and generated texts) against their prompts.
+
+    A reward that needs ``texts`` also has ``needs_texts = True``; read it with
+    ``getattr(reward, "needs_texts", False)``, since user rewards may lack the attribute.
+    """
 
     name: str
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+    def __call__(
+        self, images: torch.Tensor, prompts: list[Prompt], *, texts: list[str] | None = None
+    ) -> torch.Tensor: ...
 
 
-def check_reward_inputs(images: torch.Tensor, prompts: list[str], name: str) -> None:
+def check_reward_inputs(images: torch.Tensor, prompts: list[Prompt], name: str) -> None:
     """Raise ``RewardError`` unless images is a finite (B, 3, H, W) float tensor in [0, 1]
-    and ``prompts`` holds B strings."""
+    and ``prompts`` holds B prompts, each a string or a ``VisualPrompt``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise RewardError(f"{name}: images must be a (B, 3, H, W) tensor, got {shape}")
@@ -47,6 +66,12 @@ def check_reward_inputs(images: torch.Tensor, prompts: list[str], name: str) -> 
     if isinstance(prompts, str) or len(prompts) != images.shape[0]:
         got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
         raise RewardError(f"{name}: need one prompt per image ({images.shape[0]}), got {got}")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, Prompt):
+            raise RewardError(
+                f"{name}: prompts[{index}] is a {type(prompt).__name__}; prompts must be strings "
+                "or align_gen.types.VisualPrompt"
+            )
     if images.numel() == 0:
         return
     if not bool(torch.isfinite(images).all()):
@@ -57,6 +82,25 @@ def check_reward_inputs(images: torch.Tensor, prompts: list[str], name: str) -> 
             f"{name}: images must be in [0, 1], got values in [{low:.3f}, {high:.3f}]; "
             "map [-1, 1] decoder output with (x + 1) / 2 first"
         )
+
+
+def check_reward_texts(texts: Any, batch: int, name: str) -> list[str]:
+    """``texts`` as a list, or ``RewardError`` unless it holds ``batch`` strings."""
+    if texts is None:
+        raise RewardError(
+            f"{name} scores generated texts, so it needs a vision-language policy; got texts=None"
+        )
+    if isinstance(texts, str) or not isinstance(texts, list | tuple):
+        raise RewardError(
+            f"{name}: texts must be a list of {batch} strings (one generated answer per image), "
+            f"got a {type(texts).__name__}"
+        )
+    if len(texts) != batch:
+        raise RewardError(f"{name}: need one generated text per image ({batch}), got {len(texts)}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RewardError(f"{name}: texts[{index}] is a {type(text).__name__}, not a string")
+    return list(texts)
 
 
 def check_reward_output(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -72,51 +116,98 @@ def check_reward_output(scores: torch.Tensor, batch: int, name: str) -> torch.Te
 
 class BatchedReward:
     """Base class: validates inputs, scores in chunks of ``batch_size`` without grad, checks
-    the output. Subclasses set ``name`` and implement ``score_chunk``."""
+    the output. Subclasses set ``name`` and implement ``score_chunk``; text rewards also set
+    ``needs_texts = True`` and get each chunk's generated texts as a third argument."""
 
     name: str = "reward"
+    needs_texts: bool = False
 
     def __init__(self, batch_size: int = 32) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
 
-    def score_chunk(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Score (b, 3, H, W) images in [0, 1] -> (b,). Called under ``torch.no_grad()``."""
+    def score_chunk(
+        self, images: torch.Tensor, prompts: list[Prompt], texts: list[str] | None = None
+    ) -> torch.Tensor:
+        """Score (b, 3, H, W) images in [0, 1] -> (b,). Called under ``torch.no_grad()``.
+
+        ``texts`` (b generated answers) is passed only when ``needs_texts`` is True.
+        """
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: list[Prompt], *, texts: list[str] | None = None
+    ) -> torch.Tensor:
         check_reward_inputs(images, prompts, self.name)
+        checked = check_reward_texts(texts, images.shape[0], self.name) if self.needs_texts else []
         images = images.detach().clamp(0.0, 1.0)  # absorb the tolerated rounding overshoot
         size = self.batch_size
-        chunks = [
-            self.score_chunk(images[i : i + size], list(prompts[i : i + size])).reshape(-1)
-            for i in range(0, images.shape[0], size)
-        ]
+        chunks = []
+        for i in range(0, images.shape[0], size):
+            args: tuple[Any, ...] = (images[i : i + size], list(prompts[i : i + size]))
+            if self.needs_texts:  # image rewards keep their two-argument score_chunk
+                args += (checked[i : i + size],)
+            chunks.append(self.score_chunk(*args).reshape(-1))
         scores = torch.cat(chunks).to(images.device) if chunks else images.new_zeros(0)
         return check_reward_output(scores, images.shape[0], self.name)
 
 
-class FunctionReward:
-    """Wraps a user's callable so that it obeys the contract (input and output checks)."""
+def _texts_parameter(fn: Callable[..., Any]) -> tuple[str | None, bool]:
+    """How ``fn`` takes generated texts: ("positional" | "keyword" | None, whether required).
 
-    def __init__(self, fn: Callable[[torch.Tensor, list[str]], torch.Tensor], name: str) -> None:
+    A third positional parameter takes them when it is required or named ``texts`` (so
+    ``fn(images, prompts, scale=1.0)`` is not handed texts); else a keyword-only ``texts``.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None, False
+    empty = inspect.Parameter.empty
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3 and (positional[2].name == "texts" or positional[2].default is empty):
+        return "positional", positional[2].default is empty
+    keyword = next((p for p in params if p.name == "texts" and p.kind is p.KEYWORD_ONLY), None)
+    if keyword is not None:
+        return "keyword", keyword.default is empty
+    return None, False
+
+
+class FunctionReward:
+    """Wraps a user's callable so that it obeys the contract (input and output checks).
+
+    ``fn(images, prompts)`` is an image reward. ``fn(images, prompts, texts)`` (or with a
+    keyword-only ``texts``) is a text reward: it gets the generated texts, and when ``texts``
+    has no default, ``needs_texts`` is True and a call without texts is an error.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], name: str) -> None:
         self.fn = fn
         self.name = name
+        self._texts_by, self.needs_texts = _texts_parameter(fn)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: list[Prompt], *, texts: list[str] | None = None
+    ) -> torch.Tensor:
         check_reward_inputs(images, prompts, self.name)
-        scores = self.fn(images, prompts)
+        if self.needs_texts or (self._texts_by is not None and texts is not None):
+            texts = check_reward_texts(texts, images.shape[0], self.name)
+            if self._texts_by == "positional":
+                scores = self.fn(images, prompts, texts)
+            else:
+                scores = self.fn(images, prompts, texts=texts)
+        else:  # an image reward, or texts is optional and absent: the function's default holds
+            scores = self.fn(images, prompts)
         if isinstance(scores, torch.Tensor):
             scores = scores.to(images.device)
         return check_reward_output(scores, images.shape[0], self.name)
 
 
 class WeightedSum:
-    """sum_i w_i * r_i(images, prompts). ``last_terms`` holds each term's unweighted (B,)
-    scores from the last call, keyed like ``weights``, for logging."""
+    """sum_i w_i * r_i(images, prompts, texts=texts). ``last_terms`` holds each term's
+    unweighted (B,) scores from the last call, keyed like ``weights``, for logging."""
 
     def __init__(self, rewards: dict[str, RewardFn], weights: dict[str, float]) -> None:
         if set(rewards) != set(weights):
@@ -126,8 +217,15 @@ class WeightedSum:
         self.name = " + ".join(f"{w:g}*{key}" for key, w in self.weights.items())
         self.last_terms: dict[str, torch.Tensor] = {}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        terms = {key: reward(images, prompts) for key, reward in self.rewards.items()}
+    @property
+    def needs_texts(self) -> bool:
+        """True when any term scores generated texts."""
+        return any(getattr(reward, "needs_texts", False) for reward in self.rewards.values())
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[Prompt], *, texts: list[str] | None = None
+    ) -> torch.Tensor:
+        terms = {key: reward(images, prompts, texts=texts) for key, reward in self.rewards.items()}
         self.last_terms = {key: scores.detach() for key, scores in terms.items()}
         total = sum(self.weights[key] * scores for key, scores in terms.items())
         return check_reward_output(total, images.shape[0], self.name)
@@ -156,6 +254,16 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _registry_listing() -> str:
+    """The registered names for error messages, image rewards apart from text rewards."""
+    text = [name for name in available_rewards() if getattr(_REGISTRY[name], "needs_texts", False)]
+    image = [name for name in available_rewards() if name not in text]
+    listing = f"image rewards: {', '.join(image)}"
+    if text:
+        listing += f"; text rewards (vision-language policies): {', '.join(text)}"
+    return listing
+
+
 def _import_spec(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     try:
@@ -168,7 +276,8 @@ def _import_spec(spec: str) -> Any:
 
 
 def _is_plain_reward_function(obj: Any) -> bool:
-    """True for a function taking exactly (images, prompts); factories take options instead."""
+    """True for a function taking exactly (images, prompts) or (images, prompts, texts);
+    factories take options instead."""
     if inspect.isclass(obj) or not callable(obj):
         return False
     try:
@@ -176,7 +285,7 @@ def _is_plain_reward_function(obj: Any) -> bool:
     except (TypeError, ValueError):
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(p.kind in positional and p.default is p.empty for p in params) == 2
+    return sum(p.kind in positional and p.default is p.empty for p in params) in (2, 3)
 
 
 def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: str) -> Any:
@@ -213,7 +322,7 @@ def get_reward(name: str, **options: Any) -> RewardFn:
         close = difflib.get_close_matches(name, available_rewards(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise RewardError(
-            f"unknown reward {name!r}; registered rewards: {', '.join(available_rewards())}, "
+            f"unknown reward {name!r}; {_registry_listing()}; "
             f"or a 'package.module:attr' spec.{hint}"
         )
     reward = _call_factory(target, options, name)
@@ -235,7 +344,7 @@ def build_reward(
     if not weights:
         raise ConfigError(
             f"reward weights are empty; give at least one, e.g. {{'aesthetic': 1.0}}; "
-            f"registered rewards: {', '.join(available_rewards())}"
+            f"{_registry_listing()}"
         )
     stray = sorted(set(options) - set(weights))
     if stray:

@@ -13,6 +13,7 @@ import pytest
 from align_gen.config import RunConfig, load_config
 from align_gen.objectives import available_objectives, build_objective
 from align_gen.policies.loading import BUILTIN_MODELS, BUILTIN_PREFIX
+from align_gen.policies.tiny_vlms import TINY_VLMS
 from align_gen.prompts import load_prompts
 from reward_models import available_rewards
 
@@ -55,7 +56,7 @@ def test_config_loads_and_is_consistent(path: Path) -> None:
     if config.prompts.source.startswith("builtin:"):
         assert load_prompts(config.prompts.source)
     if is_offline(config):
-        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in BUILTIN_MODELS
+        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in {*BUILTIN_MODELS, *TINY_VLMS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=config_id)

@@ -15,6 +15,7 @@ from align_gen.image_datasets import (
     hub_row_example,
     is_image_dataset_source,
     load_image_dataset,
+    row_answer,
     to_square_tensor,
 )
 from align_gen.prompts import load_prompts
@@ -113,3 +114,36 @@ def test_hub_dataset_needs_the_datasets_package_or_says_what_to_do() -> None:
     else:  # installed, but offline: the error says how to provide the data
         with pytest.raises(ConfigError, match="cannot load the dataset"):
             load_image_dataset("hf:align-gen/does-not-exist")
+
+
+def test_answers_make_visual_prompts(tmp_path: Path) -> None:
+    save_image(tmp_path / "r.png", (255, 0, 0))
+    save_image(tmp_path / "b.png", (0, 0, 255))
+    rows = [
+        {"file_name": "r.png", "prompt": "What colour?", "answer": "red"},
+        {"file_name": "b.png", "prompt": "What colour?", "answers": ["blue", "navy"]},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prompts = load_prompts(str(tmp_path), visual=True)
+    assert [(str(p), p.answer) for p in prompts] == [("What colour?", "red"), ("What colour?", "blue")]
+    assert prompts[0] != prompts[1] and len({*prompts, *load_prompts(str(tmp_path), visual=True)}) == 2
+    assert prompts[1].open_image().size == (20, 12)
+    asked = load_prompts(str(tmp_path), visual=True, instruction="Describe it.")
+    assert [p.text for p in asked] == ["Describe it."] * 2 and asked[0].answer == "red"
+    with pytest.raises(ConfigError, match="prompts.instruction is the question"):
+        load_prompts(str(tmp_path), instruction="Describe it.")
+    with pytest.raises(ConfigError, match="not a dataset of \\(image, prompt\\) examples"):
+        load_prompts("builtin:shapes", visual=True)
+
+
+def test_vqa_style_hub_rows_give_question_and_answer() -> None:
+    row = {
+        "question": "What is on the table?",
+        "multiple_choice_answer": "cup",
+        "answers": [{"answer": "mug", "answer_confidence": "yes", "answer_id": 1}],
+        "image": Image.new("RGB", (4, 4)),
+    }
+    prompt, _ = hub_row_example(row)
+    assert prompt == "What is on the table?" and row_answer(row) == "cup"
+    assert row_answer({"answers": row["answers"]}) == "mug"
+    assert row_answer({"prompt": "p"}) is None

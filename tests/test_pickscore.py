@@ -202,7 +202,7 @@ def test_missing_weights_errors(
     # A folder without weights names the folder.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "processor_config.json").write_text(json.dumps({}))
-    with pytest.raises(MissingWeightsError, match="from folder .*empty"):
+    with pytest.raises(MissingWeightsError, match="load folder .*empty"):
         get_reward("pickscore", model=str(tmp_path / "empty"), processor=str(folders["processor"]))
 
 

@@ -146,7 +146,7 @@ class AWM(Objective):
         references = ([None] if self.config.beta > 0 else []) + ([self.ema] if self.ema is not None else [])
         for k in range(self.config.num_timesteps):
             timesteps = batch.timesteps[rows, steps[:, k]]  # (B,)
-            noise = torch.randn(batch.final_samples.shape, generator=generator).to(device)
+            noise = policy.training_noise(num_samples, generator)
             divergence = ema_divergence = None
             if references:
                 terms = policy.matching_terms(batch, t=timesteps, noise=noise, references=references)

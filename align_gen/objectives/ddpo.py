@@ -7,6 +7,8 @@ Like the anchor, each sample visits its trainable steps in its own random order 
 one step (over the minibatch) is backpropagated at a time; ``timestep_fraction`` trains on the
 first fraction of that order. Approximation, as in the paper: the per-step log-prob is the mean
 over latent elements, not the sum, which rescales the ratio's log by 1/(C h w).
+On a VLM a token is a step: its ratio is the token's, and since one teacher-forced pass scores
+every token, all of a minibatch's tokens form one piece (the mean over valid tokens).
 """
 
 from __future__ import annotations
@@ -92,10 +94,16 @@ class DDPO(Objective):
         # forward pass mixes timesteps and the update is not biased toward any step.
         order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])
         order = order[:, :num_train].to(batch.log_probs.device)  # (B, num_train)
-        for j in range(num_train):
-            steps = order[:, j : j + 1]  # (B, 1)
-            log_prob = policy.step_log_prob(batch, steps)[:, 0]  # (B,)
-            old_log_prob = batch.log_probs.gather(1, steps)[:, 0]  # (B,)
-            mask = batch.step_mask.gather(1, steps)[:, 0]  # (B,)
-            loss, metrics = ddpo_loss(log_prob, old_log_prob, batch.advantages, self.config.clip_range, mask)
-            yield LossOutput(loss / num_train, {"loss": float(loss.detach()), **metrics})
+        # One step per piece (a denoiser pass each), or all at once when the policy scores them
+        # in one pass (a VLM's tokens: the loss is then the mean over all valid tokens).
+        chunk = num_train if policy.scores_all_steps_at_once else 1
+        for start in range(0, num_train, chunk):
+            steps = order[:, start : start + chunk]  # (B, c)
+            log_prob = policy.step_log_prob(batch, steps)  # (B, c)
+            old_log_prob = batch.log_probs.gather(1, steps)  # (B, c)
+            mask = batch.step_mask.gather(1, steps)  # (B, c)
+            advantages = batch.advantages[:, None].expand_as(log_prob)  # (B, c)
+            loss, metrics = ddpo_loss(
+                log_prob.flatten(), old_log_prob.flatten(), advantages.flatten(), self.config.clip_range, mask.flatten()
+            )
+            yield LossOutput(loss * steps.shape[1] / num_train, {"loss": float(loss.detach()), **metrics})

@@ -120,8 +120,11 @@ class Rebel(Objective):
         weight = (2 * residual / (self.config.eta * residual.numel())).repeat_interleave(2)  # (B,)
         weight[1::2] *= -1
 
-        # Pass 2: one piece per step; its gradient is that step's share of the exact gradient.
-        for step in range(batch.num_steps):
-            step_log_prob = policy.step_log_prob(batch, all_steps[step : step + 1])[:, 0]  # (B,)
-            surrogate = (weight * mask[:, step] * step_log_prob).sum()  # ()
-            yield LossOutput(surrogate, metrics if step == 0 else {})
+        # Pass 2: one piece per step (all steps in one piece when the policy scores them in one
+        # pass, as a VLM does); each piece's gradient is its steps' share of the exact gradient.
+        chunk = batch.num_steps if policy.scores_all_steps_at_once else 1
+        for start in range(0, batch.num_steps, chunk):
+            steps = all_steps[start : start + chunk]  # (c,)
+            step_log_probs = policy.step_log_prob(batch, steps)  # (B, c)
+            surrogate = (weight[:, None] * mask[:, steps] * step_log_probs).sum()  # ()
+            yield LossOutput(surrogate, metrics if start == 0 else {})

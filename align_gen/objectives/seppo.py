@@ -24,6 +24,10 @@ live on the CPU and are swapped into the model only inside ``policy.reference(..
 accelerator never holds a second model. They are saved with every checkpoint, so a resumed run
 chooses among exactly the references the uninterrupted run had.
 
+On a vision-language model the winner is the dataset's answer to (image, question) and x_ref
+the reference model's answer; l is the answer's mean token NLL, so d(x) is the negative
+per-token log-ratio of the policy to the reference (DPO's quantity, length-normalised).
+
 The paper's training code was never published; this follows its text. beta = 2500 on
 per-element mean losses matches Diffusion-DPO's 5000 with its factor 1/2 inside the sigmoid.
 The rewards that the trainer logs for a SePPO run are those of the x_ref samples (the reference
@@ -180,31 +184,44 @@ class SePPO(Objective):
             )
 
     def setup(self, policy: Policy, run: RunConfig) -> None:
-        self.dataset = load_image_dataset(run.prompts.source)
+        if not policy.takes_images:  # a VLM's winners are the answers its prompts carry
+            self.dataset = load_image_dataset(run.prompts.source)
 
     def sample(self, policy: Policy, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
         """The reference model's samples of ``prompts``, with a dataset winner for each prompt
         as ``preferred``."""
-        if self.dataset is None:
-            raise RuntimeError("SePPO.setup() must run before sample().")
         if self._reference is None:
             self._reference = self.ring.choose(self.config.reference, generator)
         with policy.reference(self._reference[1]):
             rollout = policy.sample(prompts, generator=generator)
-        winners = self.dataset.images_for(prompts, policy.resolution, generator)
-        rollout.preferred = policy.encode_samples(winners)
+        rollout.preferred = policy.encode_samples(self._winners(policy, prompts, generator))
         return rollout
+
+    def _winners(self, policy: Policy, prompts: Sequence, generator: torch.Generator) -> torch.Tensor | list[str]:
+        """The preferred sample of each prompt: a dataset image of it (text-to-image), or the
+        dataset's answer that a VLM's prompt carries."""
+        if policy.takes_images:
+            missing = next((prompt for prompt in prompts if prompt.answer is None), None)
+            if missing is not None:
+                raise ConfigError(
+                    f"SePPO on a vision-language model prefers each example's dataset answer, but {missing!r} has "
+                    'none; give every example an "answer" field.'
+                )
+            return [prompt.answer for prompt in prompts]
+        if self.dataset is None:
+            raise RuntimeError("SePPO.setup() must run before sample().")
+        return self.dataset.images_for(prompts, policy.resolution, generator)
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
         if batch.preferred is None or self._reference is None:
             raise ValueError("SePPO trains on rollouts from SePPO.sample (they carry the winners).")
         size = len(batch)
-        device = batch.final_samples.device
         # Winners and reference samples go through the models as one batch of 2B with the same
         # timestep and noise for the two members of a pair.
         pairs = batch.select(torch.arange(size).repeat(2))
         t = policy.training_timesteps(size, generator).repeat(2)
-        noise = torch.randn(batch.final_samples.shape, generator=generator).to(device).repeat(2, 1, 1, 1)
+        noise = policy.training_noise(size, generator)
+        noise = torch.cat([noise, noise])
         clean = torch.cat([batch.preferred, batch.final_samples])
         terms = policy.matching_terms(pairs, t=t, noise=noise, clean=clean, references=[self._reference[1]])
         divergence = terms.loss - terms.reference_loss[0]  # (2B,) d(x)

@@ -1,7 +1,7 @@
 """What every denoising policy shares, whatever its denoiser (UNet or flow transformer).
 
-:class:`DenoiserPolicy` holds the trainable-weights machinery (LoRA adapters through diffusers'
-adapter API, or the whole denoiser with a stored copy of its initial weights as the reference),
+:class:`DenoiserPolicy` holds (with the trainable-weights machinery of
+:class:`~align_gen.policies.weights.TrainableWeights`, shared with the VLM policy)
 classifier-free guidance (:func:`classifier_free_guidance`, the only place CFG is written, run
 as ONE batched forward of 2B), re-scoring of stored transitions, the matching losses and saving.
 A subclass supplies the model-specific pieces: prompt encoding, one denoiser forward pass, the
@@ -10,9 +10,7 @@ transition kernel of one step, and the matching loss's noising and target.
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,12 +18,15 @@ from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
+from align_gen.policies.weights import TrainableWeights, write_model_card
 from align_gen.types import MatchingTerms, Rollout
 
 Tensor = torch.Tensor
 
-# Written next to a saved model: which base model a LoRA folder belongs to.
-MODEL_CARD_FILE = "align_gen_model.json"
+# LoRA targets when model.lora.target_modules is empty: the attention projections of diffusers'
+# UNet and transformer blocks.
+DENOISER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 
 def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -38,10 +39,10 @@ def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tens
     return uncond + scale * (cond - uncond)
 
 
-class DenoiserPolicy:
+class DenoiserPolicy(TrainableWeights):
     """The shared half of a diffusion-family :class:`~align_gen.policy.Policy`.
 
-    Subclasses set ``model`` (the denoiser module; ``denoiser`` is what forward passes go
+    Subclasses set ``model`` (the denoiser module; ``forward_model`` is what forward passes go
     through: the model itself or the wrapper the trainer's accelerator puts around it),
     ``pipeline``, ``model_config``, ``sample_config`` and ``device``, call
     :meth:`_configure_model`, and implement the abstract methods below.
@@ -49,6 +50,9 @@ class DenoiserPolicy:
 
     # The conditioning tensors one forward pass takes; CFG also needs "negative_" + each of them.
     conditioning_keys: tuple[str, ...] = ("prompt_embeds",)
+    takes_images = False  # text-to-image: prompts are strings
+    scores_all_steps_at_once = False  # one denoiser pass per re-scored step
+
     # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
     lora_layers_argument = "unet_lora_layers"
 
@@ -56,7 +60,7 @@ class DenoiserPolicy:
     vae: torch.nn.Module
     resolution: int
     model: torch.nn.Module
-    denoiser: torch.nn.Module
+    forward_model: torch.nn.Module
     model_config: ModelConfig
     sample_config: SampleConfig
     device: torch.device
@@ -101,6 +105,12 @@ class DenoiserPolicy:
         """(B,) timesteps drawn uniformly over the training range (see the Policy protocol)."""
         raise NotImplementedError
 
+    def training_noise(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, h, w) standard normal noise shaped like the clean latents, on the device."""
+        side = self.resolution // self.vae_scale_factor
+        shape = (batch, self.vae.config.latent_channels, side, side)
+        return torch.randn(shape, generator=generator).to(self.device)
+
     # ----------------------------------------------------------------------------------------
     # set-up
 
@@ -135,35 +145,13 @@ class DenoiserPolicy:
                     f"model.attention=xformers is not available ({error}); install the `gpu` "
                     "extra (pip install 'align-gen[gpu]') or set model.attention=sdpa."
                 ) from None
-        self._reference_weights: dict[str, Tensor] | None = None
         if not trainable:
             self.model.requires_grad_(False).eval()
+            self._reference_weights = None
             return
         if config.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
-        if config.lora.enabled:
-            from peft import LoraConfig as PeftLoraConfig
-
-            self.model.requires_grad_(False)
-            self.model.add_adapter(
-                PeftLoraConfig(
-                    r=config.lora.rank,
-                    lora_alpha=config.lora.alpha,
-                    lora_dropout=config.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora.target_modules),
-                )
-            )
-        else:
-            self.model.requires_grad_(True)
-            # The frozen reference of a fully fine-tuned model: a CPU copy of the initial weights.
-            self._reference_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        # Trainable weights in float32 even when the frozen ones are half precision.
-        for param in self.trainable_parameters():
-            param.data = param.data.float()
-
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self.model.parameters() if p.requires_grad)
+        self._make_trainable(config.lora, config.lora.target_modules or DENOISER_LORA_TARGETS)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -339,62 +327,16 @@ class DenoiserPolicy:
         posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         return ((posterior.mean.float() - shift) * config.scaling_factor).contiguous()
 
-    @contextlib.contextmanager
-    def reference(self, weights: dict[str, Tensor] | None = None) -> Iterator[None]:
-        """Forward passes use reference weights: the initial model when ``weights`` is None
-        (adapters disabled, or the stored initial weights of a full fine-tune), else the given
-        :meth:`trainable_state_dict` snapshot. Swapped weights are parked on the CPU, never
-        duplicated on the accelerator."""
-        if weights is None and self._reference_weights is None:
-            self.model.disable_adapters()
-            try:
-                yield
-            finally:
-                self.model.enable_adapters()
-            return
-        weights = self._reference_weights if weights is None else weights
-        state = self.model.state_dict(keep_vars=True)
-        unknown = set(weights) - set(state)
-        if unknown:
-            raise ValueError(f"reference weights name {len(unknown)} unknown tensors, e.g. {sorted(unknown)[:3]}")
-        with torch.no_grad():
-            current = {name: state[name].detach().to("cpu", copy=True) for name in weights}
-            for name, value in weights.items():
-                state[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in current.items():
-                    state[name].copy_(value)
-
     # ----------------------------------------------------------------------------------------
     # persistence
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """A CPU copy of the trained weights only, keyed by parameter name (LoRA or the full
-        model); a copy even on a CPU device, so later updates never change it."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: p.detach().to("cpu", copy=True).contiguous() for p in self.trainable_parameters()}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        missing = set(self.trainable_state_dict()) - set(state)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     def save(self, path: str | Path) -> None:
         """LoRA: diffusers LoRA weights (``pipe.load_lora_weights(path)``); full: a pipeline
         folder (``<Pipeline>.from_pretrained(path)``). Both with an align_gen_model.json card."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        kind = "lora" if self.model_config.lora.enabled else "full"
-        description = {"base_model": self.model_config.pretrained, "kind": kind}
-        (path / MODEL_CARD_FILE).write_text(json.dumps(description, indent=1))
-        if kind == "lora":
+        write_model_card(path, self.model_config.pretrained, self.model_config.lora.enabled)
+        if self.model_config.lora.enabled:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 

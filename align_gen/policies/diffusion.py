@@ -26,7 +26,8 @@ import torch
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.kernels import ddim_step_with_logprob
-from align_gen.policies.common import MODEL_CARD_FILE, DenoiserPolicy, classifier_free_guidance
+from align_gen.policies.common import DenoiserPolicy, classifier_free_guidance
+from align_gen.policies.weights import MODEL_CARD_FILE
 
 Tensor = torch.Tensor
 
@@ -57,8 +58,8 @@ class DiffusionPolicy(DenoiserPolicy):
 
         self._attach(pipeline, model_config, sample_config, device, DDIMScheduler.from_config(pipeline.scheduler.config))
         self.model = self.unet = pipeline.unet
-        # Configuration is always read from self.model; the trainer may wrap self.denoiser.
-        self.denoiser = self.model
+        # Configuration is always read from self.model; the trainer may wrap self.forward_model.
+        self.forward_model = self.model
         self.vae = pipeline.vae.requires_grad_(False).eval()
         self.text_encoder = pipeline.text_encoder.requires_grad_(False).eval()
         self.tokenizer = pipeline.tokenizer
@@ -96,7 +97,7 @@ class DiffusionPolicy(DenoiserPolicy):
 
     def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         dtype = self.model_dtype
-        return self.denoiser(latents.to(dtype), timesteps, conditioning["prompt_embeds"].to(dtype)).sample.float()
+        return self.forward_model(latents.to(dtype), timesteps, conditioning["prompt_embeds"].to(dtype)).sample.float()
 
     def _transition(
         self,
@@ -203,4 +204,4 @@ class SDXLPolicy(DiffusionPolicy):
             "time_ids": conditioning["add_time_ids"].to(dtype),
         }
         embeds = conditioning["prompt_embeds"].to(dtype)
-        return self.denoiser(latents.to(dtype), timesteps, embeds, added_cond_kwargs=added).sample.float()
+        return self.forward_model(latents.to(dtype), timesteps, embeds, added_cond_kwargs=added).sample.float()

@@ -54,7 +54,7 @@ class FlowPolicy(DenoiserPolicy):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.model = self.transformer = pipeline.transformer
-        self.denoiser = self.model
+        self.forward_model = self.model
         self.vae = pipeline.vae.requires_grad_(False).eval()
         # Before the sampling grid: a resolution-dependent shift (FLUX) reads it.
         self.resolution = sample_config.resolution or self._native_resolution()
@@ -112,7 +112,7 @@ class FlowPolicy(DenoiserPolicy):
     def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         """(B, C, h, w) float32 predicted velocity at (B,) float timesteps sigma * N."""
         dtype = self.model_dtype
-        return self.denoiser(
+        return self.forward_model(
             hidden_states=latents.to(dtype),
             timestep=timesteps,
             encoder_hidden_states=conditioning["prompt_embeds"].to(dtype),

@@ -132,7 +132,7 @@ class FluxPolicy(FlowPolicy):
         guidance = None
         if self.guidance_embedded:  # the distilled guidance, a scale like the pipeline's (not / N)
             guidance = torch.full((batch,), self.sample_config.guidance_scale, device=device)
-        output = self.denoiser(
+        output = self.forward_model(
             hidden_states=tokens.to(dtype),
             timestep=self.noise_level(timesteps).to(device),  # sigma in [0, 1]
             guidance=guidance,

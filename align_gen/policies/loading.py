@@ -1,4 +1,5 @@
-"""Loading diffusion pipelines: hub ids, local folders, and align-gen's built-in tiny models.
+"""Loading models: diffusion pipelines and vision-language models, from hub ids, local folders,
+and align-gen's built-in tiny models.
 
 ``align-gen:tiny-random-sd`` is a Stable-Diffusion-architecture pipeline (CLIP text encoder,
 AutoencoderKL, UNet2DConditionModel, DDIM scheduler) of about 1M parameters with random
@@ -7,7 +8,8 @@ demo use it: every code path is the one a real SD1.5 checkpoint takes, only smal
 tokenizer is a transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships,
 so it produces the same ids as the real SD tokenizer. ``align-gen:tiny-random-sd3``,
 ``align-gen:tiny-random-sdxl`` and ``align-gen:tiny-random-flux`` are the same idea for Stable
-Diffusion 3, Stable Diffusion XL and FLUX.1.
+Diffusion 3, Stable Diffusion XL and FLUX.1, and ``align-gen:tiny-random-llava``,
+``-qwen2-vl``, ``-qwen2.5-vl`` and ``-idefics3`` for vision-language models (see ``tiny_vlms``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from align_gen.errors import MissingWeightsError
+from align_gen.policies.tiny_vlms import TINY_VLMS
 
 BUILTIN_PREFIX = "align-gen:"
 
@@ -361,7 +364,7 @@ def load_pipeline(
         if name not in BUILTIN_MODELS:
             raise MissingWeightsError(
                 f"unknown built-in model {pretrained!r}; built-ins: "
-                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+                + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_MODELS, *TINY_VLMS])
             )
         pipeline = BUILTIN_MODELS[name]()
         return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -385,3 +388,50 @@ def load_pipeline(
             f"folder (model.pretrained=/path/to/model) or download it once with "
             f"`huggingface-cli download {pretrained}`. ({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from None
+
+
+def is_vlm_source(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a transformers vision-language model rather than a diffusers
+    pipeline: a VLM built-in, a local folder with a ``config.json`` and no ``model_index.json``,
+    or a hub id whose repository has no ``model_index.json`` (checked only when the hub or the
+    cache can answer; otherwise it is taken for a diffusion model, whose loader names it)."""
+    if pretrained.startswith(BUILTIN_PREFIX):
+        return pretrained[len(BUILTIN_PREFIX) :] in TINY_VLMS
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir():
+        return (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(pretrained, "model_index.json")
+    except EntryNotFoundError:
+        return True
+    except Exception:  # offline, unknown repo, no access: let the diffusion loader report it
+        return False
+    return False
+
+
+def load_vlm(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """(model, processor) of a vision-language model: ``AutoModelForImageTextToText`` and
+    ``AutoProcessor`` from a local folder or hub id, or a built-in tiny model.
+
+    Raises:
+        MissingWeightsError: the folder does not exist, or the hub id is not cached and the
+            hub cannot be reached; the message names what to provide.
+    """
+    if pretrained.startswith(BUILTIN_PREFIX):
+        model, processor = TINY_VLMS[pretrained[len(BUILTIN_PREFIX) :]]()
+        return (model if dtype == torch.float32 else model.to(dtype)), processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(pretrained, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise MissingWeightsError(
+            f"cannot load the vision-language model {pretrained!r}: provide a local folder with its config, "
+            f"weights and processor files (model.pretrained=/path/to/model) or download it once with "
+            f"`huggingface-cli download {pretrained}`. ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from None
+    return model.eval(), processor

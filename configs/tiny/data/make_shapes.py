@@ -1,10 +1,14 @@
-"""Draws the tiny SePPO winners: one flat-coloured shape on white per prompt of builtin:shapes.
+"""Draws the tiny SePPO winners: one flat-coloured shape on white per prompt of builtin:shapes,
+and writes the tiny VLM's questions about them.
 
-    python configs/tiny/data/make_shapes.py      # rewrites configs/tiny/data/shapes/
+    python configs/tiny/data/make_shapes.py      # rewrites configs/tiny/data/shapes/ and
+                                                 # configs/tiny/data/shape_questions.jsonl
 
 The images are what the shapes prompts describe, drawn plainly, so they are also highly
 compressible: configs/tiny/seppo_tiny_compressibility.yaml prefers them to the random tiny
 model's noise, and its JPEG-compressibility reward should rise as the policy moves toward them.
+shape_questions.jsonl asks the colour of each drawing (answer: the colour word), the toy task of
+the tiny VLM configs (configs/tiny/*_tiny_vlm_*.yaml).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ COLOURS = {
     "orange": (240, 140, 30),
 }
 SIZE = 64
+QUESTION = "What colour is the shape?"
 
 
 def draw(prompt: str, size: int = SIZE) -> Image.Image:
@@ -52,6 +57,11 @@ def main() -> None:
         draw(prompt).save(folder / name, optimize=True)
         rows.append(json.dumps({"file_name": name, "prompt": prompt}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    questions = [
+        json.dumps({"image": f"shapes/{json.loads(row)['file_name']}", "prompt": QUESTION, "answer": json.loads(row)["prompt"].split()[1]})
+        for row in rows
+    ]
+    (folder.parent / "shape_questions.jsonl").write_text("\n".join(questions) + "\n")
 
 
 if __name__ == "__main__":
