@@ -1,4 +1,4 @@
-"""The ``align-gen`` command: ``train``, ``sample`` and ``evaluate``.
+"""The ``align-gen`` command: ``train``, ``sample``, ``evaluate`` and ``world build``.
 
 Errors caused by input (a bad config key, a missing file, an unknown reward, a NaN reward) are
 printed as one line on stderr with exit status 2, never as a traceback.
@@ -70,6 +70,16 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--out", default="evaluation.json", help="output JSON")
     evaluate.set_defaults(handler=_evaluate)
+
+    world = commands.add_parser("world", help="the tiny offline world: build (train) its models")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    build = world_commands.add_parser(
+        "build", help="train the world's models from its seed (resumable: run it again after an interruption)"
+    )
+    build.add_argument("--out", default="outputs/world", help="output folder (the shipped weights: align_gen/world/weights)")
+    build.add_argument("--stages", nargs="+", default=None, help="stages to build (default: all)")
+    build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the build, not for use")
+    build.set_defaults(handler=_world_build)
     return parser
 
 
@@ -178,6 +188,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _world_build(args: argparse.Namespace) -> int:
+    from align_gen.world.build import STAGES, WorldBuildConfig, build_world
+
+    config = WorldBuildConfig()
+    stages = tuple(args.stages or STAGES)
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise AlignGenError(f"unknown world build stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    manifest = build_world(Path(args.out), config.quick() if args.quick else config, stages)
+    for stage in stages:
+        record = manifest["stages"][stage]
+        print(f"{stage:<8} {record['seconds']:>8.1f} s  quality {record['quality']}")
+    print(f"manifest       {Path(args.out) / 'manifest.json'}")
     return 0
 
 

@@ -5,14 +5,17 @@ prompts are strings or ``VisualPrompt`` objects and ``texts`` are a vision-langu
 generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
 ``clip_score``, ``aesthetic``, ``pickscore``. Text rewards (they need ``texts``):
 ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Any ``"package.module:attr"``
-spec works too. open_clip is imported only when a CLIP-based reward is built, so importing this
-package stays cheap.
+spec works too. ``clip_score`` / ``clip_text_image`` run an open_clip model, or a transformers
+``CLIPModel`` given as ``model=<folder or hub id>`` (``TransformersClipEncoder``, shared with
+``pickscore``). open_clip and transformers are imported only when a CLIP-based reward is built, so
+importing this package stays cheap.
 """
 
 # Importing registers the built-ins; open_clip / transformers load only when a reward is built.
 from reward_models import aesthetic, clip_score, jpeg, pickscore, text  # noqa: F401
 from reward_models.aesthetic import AestheticHead, AestheticScore
 from reward_models.clip_score import ClipScore, OpenClipEncoder
+from reward_models.hf_clip import TransformersClipEncoder
 from reward_models.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from reward_models.registry import (
     BatchedReward,
@@ -41,6 +44,7 @@ __all__ = [
     "OpenClipEncoder",
     "RewardFn",
     "SequenceClassifier",
+    "TransformersClipEncoder",
     "WeightedSum",
     "available_rewards",
     "build_reward",

@@ -1,4 +1,4 @@
-"""CLIP score: how well an image matches its prompt, by an open_clip model.
+"""CLIP score: how well an image matches its prompt, by an open_clip or a transformers CLIP model.
 
 Score = cosine similarity between the L2-normalised image embedding and the L2-normalised text
 embedding, in [-1, 1]. Unlike the "CLIPScore" metric of Hessel et al. 2021 it is NOT multiplied by
@@ -7,19 +7,30 @@ Images are preprocessed in torch (no PIL round trip, so the reward works on GPU 
 resize (bicubic, antialiased) so the short side matches the model's input size, centre crop,
 normalise with the model's mean/std. ``OpenClipEncoder`` (loading + preprocessing + encoding) is
 shared with the ``aesthetic`` reward.
+
+The model is an open_clip ``model_name`` + ``pretrained`` (tag or checkpoint file), or, with
+``model=<folder or hub id>``, a transformers ``CLIPModel`` with its tokenizer and image processor
+(``reward_models.hf_clip.TransformersClipEncoder``, shared with ``pickscore``; e.g. the tiny
+world's CLIP). The score is the same cosine for both.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models.registry import BatchedReward, register_reward
+
+if TYPE_CHECKING:
+    from reward_models.hf_clip import TransformersClipEncoder
+
+DEFAULT_MODEL_NAME = "ViT-L-14"
+DEFAULT_PRETRAINED = "openai"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -35,6 +46,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ConfigError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
     return resolved
+
+
+def resolve_placement(
+    device: str | torch.device | None, dtype: str | torch.dtype | None, reward: str
+) -> tuple[torch.device, torch.dtype]:
+    """A reward model's (device, dtype): CUDA when available; float16 on CUDA, float32 on CPU
+    unless ``dtype`` says otherwise. A bad dtype is a ConfigError naming ``reward``."""
+    resolved_device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float16 if resolved_device.type == "cuda" else torch.float32
+    try:
+        return resolved_device, resolve_dtype(dtype)
+    except ConfigError as err:
+        raise ConfigError(f"{reward}: {err}") from err
 
 
 def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Module:
@@ -152,30 +177,51 @@ class OpenClipEncoder:
 
 @register_reward("clip_score")
 class ClipScore(BatchedReward):
-    """Cosine similarity of open_clip image and prompt embeddings, in [-1, 1] (not x100).
+    """Cosine similarity of CLIP image and prompt embeddings, in [-1, 1] (not x100).
 
-    ``pretrained`` is an open_clip tag of ``model_name`` (e.g. "openai") or a local checkpoint
-    file. For OpenAI tags QuickGELU is switched on automatically; for a local OpenAI checkpoint
-    use a ``-quickgelu`` model name. ``model``/``tokenizer`` take an already-built open_clip
-    model and tokenizer instead (then ``model_name``/``pretrained`` are not used for loading).
+    open_clip (the default): ``pretrained`` is an open_clip tag of ``model_name`` (default
+    "ViT-L-14" / "openai") or a local checkpoint file. For OpenAI tags QuickGELU is switched on
+    automatically; for a local OpenAI checkpoint use a ``-quickgelu`` model name. An
+    already-built open_clip module as ``model`` (+ ``tokenizer``) is used as it is.
+    transformers: ``model`` is a hub id or ``save_pretrained`` folder of a ``CLIPModel`` with its
+    tokenizer and image processor (``processor``: another folder or hub id holding them; None =
+    the model's own). Prompts are truncated to min(77, the tokenizer's ``model_max_length``).
+    ``dtype`` is the model's own dtype; scores are float32.
     """
 
     def __init__(
         self,
-        model_name: str = "ViT-L-14",
-        pretrained: str = "openai",
+        model_name: str | None = None,
+        pretrained: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
         batch_size: int = 32,
         *,
-        model: torch.nn.Module | None = None,
+        model: str | torch.nn.Module | None = None,
         tokenizer: Any | None = None,
+        processor: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size)
+        self.encoder: OpenClipEncoder | TransformersClipEncoder
+        if isinstance(model, str):
+            self.encoder = self._transformers_encoder(
+                model, model_name, pretrained, tokenizer, processor, device, dtype
+            )
+            return
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"{self.name}: model must be a transformers CLIP folder or hub id (or a built "
+                f"open_clip module), got {type(model).__name__} {model!r}"
+            )
+        if processor is not None:
+            raise ConfigError(
+                f"{self.name}: processor is an option of a transformers CLIP model; give "
+                "model=<folder or hub id> with it, or leave it out for open_clip"
+            )
         try:
             self.encoder = OpenClipEncoder(
-                model_name,
-                pretrained,
+                DEFAULT_MODEL_NAME if model_name is None else model_name,
+                DEFAULT_PRETRAINED if pretrained is None else pretrained,
                 device=device,
                 dtype=dtype,
                 option=f"reward options {self.name}.pretrained",
@@ -184,6 +230,30 @@ class ClipScore(BatchedReward):
             )
         except (ConfigError, MissingWeightsError, RewardError) as err:
             raise type(err)(f"{self.name}: {err}") from err
+
+    def _transformers_encoder(
+        self,
+        model: str,
+        model_name: str | None,
+        pretrained: str | None,
+        tokenizer: Any | None,
+        processor: str | None,
+        device: str | torch.device | None,
+        dtype: str | torch.dtype,
+    ) -> TransformersClipEncoder:
+        """The encoder for ``model=<folder or hub id>``; the open_clip options must be unset."""
+        from reward_models.hf_clip import TransformersClipEncoder
+
+        given = {"model_name": model_name, "pretrained": pretrained, "tokenizer": tokenizer}
+        clashing = [name for name, value in given.items() if value is not None]
+        if clashing:
+            raise ConfigError(
+                f"{self.name}: model={model!r} (a transformers CLIP) and {' / '.join(clashing)} "
+                "(open_clip) were both given; give either model, or model_name + pretrained"
+            )
+        return TransformersClipEncoder(
+            model, processor, device=device, dtype=dtype, reward=self.name
+        )
 
     def score_chunk(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         image_features = self.encoder.encode_images(images)  # (b, D)

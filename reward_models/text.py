@@ -5,8 +5,9 @@ A vision-language (VLM) rollout has input images (B, 3, H, W) in [0, 1], prompts
 or None) and the generated answers ``texts``. The rewards here set ``needs_texts = True``: they
 are called as ``reward(images, prompts, texts=texts)`` and raise ``RewardError`` without texts.
 
-- ``clip_text_image``: cosine similarity of open_clip embeddings of each input image and its
-  generated text, in [-1, 1] (not x100), loaded and preprocessed exactly as ``clip_score``.
+- ``clip_text_image``: cosine similarity of CLIP embeddings (open_clip, or a transformers
+  ``CLIPModel`` folder) of each input image and its generated text, in [-1, 1] (not x100), loaded
+  and preprocessed exactly as ``clip_score``.
 - ``answer_match``: 1.0 when the generated text matches the reference answer (exact, as a
   whole-word substring, or by regex), else 0.0.
 - ``sequence_classifier``: a logit of any transformers ``AutoModelForSequenceClassification``
@@ -27,7 +28,7 @@ import torch
 
 from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from align_gen.types import VisualPrompt
-from reward_models.clip_score import ClipScore, resolve_device, resolve_dtype
+from reward_models.clip_score import ClipScore, resolve_placement
 from reward_models.hub import load_pretrained
 from reward_models.pickscore import HUB_ID
 from reward_models.registry import BatchedReward, Prompt, register_reward
@@ -40,16 +41,18 @@ UNSET_MAX_LENGTH = 1_000_000
 
 @register_reward("clip_text_image")
 class ClipTextImage(ClipScore):
-    """Cosine similarity of open_clip embeddings of each input image and its generated text.
+    """Cosine similarity of CLIP embeddings of each input image and its generated text.
 
     Scale: the raw cosine of the L2-normalised embeddings, in [-1, 1], NOT multiplied by 100 nor
     clipped at 0 (the ``clip_score`` convention; a well-matched caption under OpenAI ViT-L/14
     scores about 0.25-0.35). The prompt (question) is not used. Texts longer than the model's
-    context (77 tokens for the OpenAI and LAION models) are truncated by the open_clip tokenizer,
-    so only their beginning is scored. Options are those of ``clip_score``: ``model_name``,
-    ``pretrained`` (an open_clip tag or a local checkpoint file; offline and absent raises
-    ``MissingWeightsError`` naming ``clip_text_image.pretrained``), ``device``, ``dtype``,
-    ``batch_size``, or an already-built ``model`` + ``tokenizer``.
+    context (77 tokens for the OpenAI and LAION models; min(77, the tokenizer's
+    ``model_max_length``) for a transformers model) are truncated, so only their beginning is
+    scored. Options are those of ``clip_score``: ``model_name``, ``pretrained`` (an open_clip
+    tag or a local checkpoint file; offline and absent raises ``MissingWeightsError`` naming
+    ``clip_text_image.pretrained``), or instead ``model`` (a transformers ``CLIPModel`` folder
+    or hub id, with ``processor``; errors name ``clip_text_image.model``), ``device``,
+    ``dtype``, ``batch_size``, or an already-built open_clip ``model`` + ``tokenizer``.
     """
 
     needs_texts = True
@@ -209,13 +212,7 @@ class SequenceClassifier(BatchedReward):
         super().__init__(batch_size=batch_size)
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.device = resolve_device(device)
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        try:
-            self.dtype = resolve_dtype(dtype)
-        except ConfigError as err:
-            raise ConfigError(f"{self.name}: {err}") from err
+        self.device, self.dtype = resolve_placement(device, dtype, self.name)
         source, local = self.resolve_source(model)
         config = _load_pretrained(AutoConfig, source, local)
         self.label = self.resolve_label(label, config)

@@ -1,0 +1,83 @@
+"""The tiny world's build: the shipped CLIP's quality, the manifest that pins it to its build
+config, resumable training, and the `align-gen world build` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_gen.cli import main
+from align_gen.world import clip, shapes
+from align_gen.world.build import MANIFEST, SHIPPED_DIR, WorldBuildConfig, build_world, file_digest
+
+
+def load_shipped_clip():
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = SHIPPED_DIR / "clip"
+    return CLIPModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def test_shipped_weights_are_what_the_build_config_says() -> None:
+    manifest = json.loads((SHIPPED_DIR / MANIFEST).read_text())
+    config = WorldBuildConfig()
+    recorded = manifest["stages"]["clip"]
+    assert recorded["config"] == {"seed": config.seed, **dataclasses.asdict(config.clip)}
+    for name, digest in recorded["files"].items():
+        assert file_digest(SHIPPED_DIR / name) == digest, name
+    total = sum(path.stat().st_size for path in SHIPPED_DIR.rglob("*") if path.is_file())
+    assert total < 25 * 2**20, total  # the issue's budget for everything the world ships
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_shipped_clip_classifies_held_out_colours_and_shapes() -> None:
+    model, tokenizer = load_shipped_clip()
+    accuracy = clip.zero_shot_accuracy(model, tokenizer, shapes.ShapesWorld(0))
+    assert accuracy["colour"] >= 0.90 and accuracy["shape"] >= 0.80, accuracy
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_shipped_clip_prefers_true_captions_to_shuffled_ones() -> None:
+    model, tokenizer = load_shipped_clip()
+    images, captions, _ = shapes.ShapesWorld(0).dataset(128, "heldout")
+    image_features, text_features = clip.embed(model, tokenizer, images, captions)
+    matched = (image_features * text_features).sum(dim=1)
+    shuffled = (image_features * text_features.roll(1, dims=0)).sum(dim=1)
+    assert matched.mean() > shuffled.mean() + 0.3, (matched.mean(), shuffled.mean())
+
+
+def test_resumed_training_equals_an_uninterrupted_run() -> None:
+    config = WorldBuildConfig().quick().clip
+    world = shapes.ShapesWorld(0)
+    straight, _ = clip.train_clip(config, world)
+    saved = {}
+
+    def on_step(step, loss, model, optimizer) -> None:
+        if step == 2:
+            saved.update(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step)
+            saved["model"] = {k: v.clone() for k, v in saved["model"].items()}
+
+    clip.train_clip(dataclasses.replace(config, steps=2), world, on_step=on_step)
+    resumed, _ = clip.train_clip(config, world, state=saved)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_quick_build_writes_a_loadable_clip_and_a_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["world", "build", "--out", str(tmp_path), "--quick"]) == 0
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    files = manifest["stages"]["clip"]["files"]
+    assert "clip/model.safetensors" in files and all(file_digest(tmp_path / n) == d for n, d in files.items())
+    from reward_models import get_reward
+
+    images, captions, _ = shapes.ShapesWorld(1).dataset(4, "train")
+    scores = get_reward("clip_score", model=str(tmp_path / "clip"))(images, captions)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    # a second run skips what is built
+    build_world(tmp_path, WorldBuildConfig().quick())
+    assert "already built" in capsys.readouterr().out
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "unet2"]) == 2
