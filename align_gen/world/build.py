@@ -8,13 +8,17 @@ stages that are done. ``<out>/manifest.json`` records each stage's training conf
 measured quality, its wall time and the sha256 of every file it wrote, so a test can check that
 the shipped weights are what the build config says.
 
-Stages built so far: ``clip`` (the world's CLIP: its ``clip_score`` reward and text encoder).
-The VAE, the diffusion UNet, the captioning VLM and the learned preference reward follow (see
-the README's status).
+Stages, in order (a later one reads what an earlier one wrote):
+- ``clip``: the world's CLIP (its ``clip_score`` reward and its text encoder);
+- ``vae``: an SD-format ``AutoencoderKL`` (32 px images <-> 16 x 16 x 4 latents);
+- ``unet``: an SD-format text-to-image UNet on those latents, conditioned on the CLIP's text
+  tower, written with them as a ``StableDiffusionPipeline`` folder (``<out>/sd``).
+The captioning VLM and the learned preference reward follow (see the README's status).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -24,11 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align_gen.world import clip, shapes
+from align_gen.world import clip, diffusion, shapes
 
 SHIPPED_DIR = Path(__file__).parent / "weights"  # what the package ships (and make demo uses)
 MANIFEST = "manifest.json"
-STAGES = ("clip",)
+STAGES = ("clip", "vae", "unet")
+OUTPUTS = {"clip": "clip", "vae": "vae", "unet": "sd"}  # each stage's folder under the output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +43,18 @@ class WorldBuildConfig:
     seed: int = 0
     checkpoint_every: int = 50
     clip: clip.ClipTrainConfig = dataclasses.field(default_factory=clip.ClipTrainConfig)
+    vae: diffusion.VaeTrainConfig = dataclasses.field(default_factory=diffusion.VaeTrainConfig)
+    unet: diffusion.UnetTrainConfig = dataclasses.field(default_factory=diffusion.UnetTrainConfig)
 
     def quick(self) -> WorldBuildConfig:
         """A few steps of every stage: checks the build end to end (not for shipping)."""
+        few = {"steps": 4, "batch_size": 8, "warmup_steps": 1}
         return dataclasses.replace(
-            self, checkpoint_every=2, clip=dataclasses.replace(self.clip, steps=4, batch_size=16, warmup_steps=1)
+            self,
+            checkpoint_every=2,
+            clip=dataclasses.replace(self.clip, **{**few, "batch_size": 16}),
+            vae=dataclasses.replace(self.vae, **few, scale_images=16),
+            unet=dataclasses.replace(self.unet, **few),
         )
 
 
@@ -66,7 +78,7 @@ def build_world(out: Path, config: WorldBuildConfig = WorldBuildConfig(), stages
     for stage in stages:
         recorded = manifest["stages"].get(stage)
         if recorded is not None and recorded["config"] == _stage_config(config, stage):
-            print(f"{stage}: already built ({out / stage}); delete it to rebuild")
+            print(f"{stage}: already built ({out / OUTPUTS[stage]}); delete it to rebuild")
             continue
         manifest["stages"][stage] = _STAGE_BUILDERS[stage](out, config)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -76,39 +88,83 @@ def build_world(out: Path, config: WorldBuildConfig = WorldBuildConfig(), stages
 
 
 def _stage_config(config: WorldBuildConfig, stage: str) -> dict:
-    return {"seed": config.seed, **dataclasses.asdict(getattr(config, stage))}
+    """The stage's config as the manifest stores it (JSON types: tuples become lists)."""
+    return json.loads(json.dumps({"seed": config.seed, **dataclasses.asdict(getattr(config, stage))}))
 
 
-def _build_clip(out: Path, config: WorldBuildConfig) -> dict:
-    checkpoint = out / ".build" / "clip.pt"
+def _train_stage(out: Path, config: WorldBuildConfig, stage: str, train) -> tuple[torch.nn.Module, float]:
+    """Runs ``train(state, on_step)`` for ``stage`` with a progress bar (its time estimate) and
+    a checkpoint every ``config.checkpoint_every`` steps; returns (model, seconds)."""
+    checkpoint = out / ".build" / f"{stage}.pt"
     state = torch.load(checkpoint, weights_only=False) if checkpoint.is_file() else None
-    world = shapes.ShapesWorld(config.seed)
-    train_config = config.clip
+    steps = getattr(config, stage).steps
     started = time.perf_counter()
-    # tqdm's bar shows the time left: the estimate the README promises.
-    bar = tqdm(total=train_config.steps, initial=state["step"] if state else 0, desc="world clip", unit="step")
+    bar = tqdm(total=steps, initial=state["step"] if state else 0, desc=f"world {stage}", unit="step")
 
     def on_step(step: int, loss: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if step % config.checkpoint_every == 0 and step < train_config.steps:
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % config.checkpoint_every == 0 and step < steps:
             _save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
 
-    model, tokenizer = clip.train_clip(train_config, world, state, on_step)
+    result = train(state, on_step)
     bar.close()
-    seconds = time.perf_counter() - started
-    folder = out / "clip"
-    clip.save_clip(model, tokenizer, folder)
-    quality = clip.zero_shot_accuracy(model, tokenizer, world)
     checkpoint.unlink(missing_ok=True)
-    print(f"clip: zero-shot held-out colour {quality['colour']:.1%}, shape {quality['shape']:.1%}; {folder}")
+    return result, time.perf_counter() - started
+
+
+def _record(out: Path, config: WorldBuildConfig, stage: str, folder: Path, quality: dict, seconds: float) -> dict:
+    print(f"{stage}: {quality}; {folder}")
     return {
-        "config": _stage_config(config, "clip"),
+        "config": _stage_config(config, stage),
         "quality": quality,
         "seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "files": {str(p.relative_to(out)): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()},
     }
+
+
+def _build_clip(out: Path, config: WorldBuildConfig) -> dict:
+    world = shapes.ShapesWorld(config.seed)
+    (model, tokenizer), seconds = _train_stage(
+        out, config, "clip", lambda state, on_step: clip.train_clip(config.clip, world, state, on_step)
+    )
+    clip.save_clip(model, tokenizer, out / "clip")
+    return _record(out, config, "clip", out / "clip", clip.zero_shot_accuracy(model, tokenizer, world), seconds)
+
+
+def _build_vae(out: Path, config: WorldBuildConfig) -> dict:
+    world = shapes.ShapesWorld(config.seed)
+    vae, seconds = _train_stage(
+        out, config, "vae", lambda state, on_step: diffusion.train_vae(config.vae, world, state, on_step)
+    )
+    folder = out / "vae"
+    quality = {"psnr_db": diffusion.vae_psnr(vae, world)}
+    folder.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(vae).to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    return _record(out, config, "vae", folder, quality, seconds)
+
+
+def _build_unet(out: Path, config: WorldBuildConfig) -> dict:
+    from diffusers import AutoencoderKL
+
+    for needed in ("clip", "vae"):
+        if not (out / needed).is_dir():
+            raise FileNotFoundError(f"the unet stage needs the {needed} stage's output in {out / needed}; build it first")
+    world = shapes.ShapesWorld(config.seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+    text_encoder, tokenizer = diffusion.load_text_encoder(out / "clip")
+
+    def train(state, on_step):
+        return diffusion.train_unet(config.unet, world, vae, text_encoder, tokenizer, state, on_step)
+
+    unet, seconds = _train_stage(out, config, "unet", train)
+    pipeline = diffusion.assemble_pipeline(vae, unet, out / "clip")
+    diffusion.save_pipeline(pipeline, out / "sd")
+    clip_model, clip_tokenizer = clip.load_clip(out / "clip")
+    prompts = shapes.all_captions("heldout")[:: max(1, len(shapes.all_captions("heldout")) // 32)]
+    quality = diffusion.prompt_alignment(pipeline, clip_model, clip_tokenizer, prompts, seeds=[0, 1])
+    return _record(out, config, "unet", out / "sd", quality, seconds)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -119,4 +175,4 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     temporary.replace(path)
 
 
-_STAGE_BUILDERS = {"clip": _build_clip}
+_STAGE_BUILDERS = {"clip": _build_clip, "vae": _build_vae, "unet": _build_unet}

@@ -237,6 +237,13 @@ def zero_shot_accuracy(model, tokenizer, world: shapes.ShapesWorld, count: int =
     return results
 
 
+def load_clip(folder: Path) -> tuple[torch.nn.Module, object]:
+    """(``CLIPModel`` in float32, tokenizer) from a folder :func:`save_clip` wrote."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    return CLIPModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def save_clip(model, tokenizer, folder: Path) -> None:
     """A transformers folder: ``CLIPModel`` weights (float16), tokenizer, image processor."""
     folder.mkdir(parents=True, exist_ok=True)
