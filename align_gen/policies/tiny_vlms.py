@@ -24,6 +24,26 @@ TINY_WORDS = (
     "red green blue yellow purple orange white black circle square triangle big small . , ?"
 ).split()
 TINY_IMAGE_SIZE = 32
+# The vision towers' and language models' sizes shared by the tiny families.
+TINY_VISION_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def _tiny_llama(vocab: dict[str, int], bos: str, eos: str):
+    """The 2-layer Llama of width 32 that the tiny LLaVA and Idefics3 share."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab[bos],
+        eos_token_id=vocab[eos],
+    )
 
 
 def _word_level_tokenizer(special_tokens: list[str], chat_template: str, eos: str):
@@ -67,7 +87,6 @@ def build_tiny_random_llava(seed: int = 0):
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -88,26 +107,8 @@ def build_tiny_random_llava(seed: int = 0):
     )
     vocab = tokenizer.get_vocab()
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=side,
-            patch_size=patch,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-        ),
+        vision_config=CLIPVisionConfig(**TINY_VISION_SIZES, image_size=side, patch_size=patch),
+        text_config=_tiny_llama(vocab, bos="<s>", eos="</s>"),
         image_token_index=vocab["<image>"],
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -228,7 +229,6 @@ def build_tiny_random_idefics3(seed: int = 0):
         Idefics3ImageProcessor,
         Idefics3Processor,
         Idefics3VisionConfig,
-        LlamaConfig,
     )
 
     # The processor expands <image> to <fake_token_around_image><global-img><image>...<fake_token_around_image>.
@@ -248,26 +248,8 @@ def build_tiny_random_idefics3(seed: int = 0):
     )
     vocab = tokenizer.get_vocab()
     config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=side,
-            patch_size=patch,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<|im_start|>"],
-            eos_token_id=vocab["<end_of_utterance>"],
-        ),
+        vision_config=Idefics3VisionConfig(**TINY_VISION_SIZES, image_size=side, patch_size=patch),
+        text_config=_tiny_llama(vocab, bos="<|im_start|>", eos="<end_of_utterance>"),
         image_token_id=vocab["<image>"],
         scale_factor=scale_factor,
         pad_token_id=vocab["<pad>"],
