@@ -65,7 +65,7 @@ def _size_field(size: Any, key: str) -> int | None:
     return int(value) if value else None
 
 
-def _features(output: Any) -> torch.Tensor:
+def clip_features(output: Any) -> torch.Tensor:
     """get_*_features returns the projected tensor (transformers 4) or an output whose
     ``pooler_output`` holds it (transformers 5)."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -215,10 +215,10 @@ class TransformersClipEncoder:
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) float32, unit L2 norm."""
-        features = _features(self.model.get_image_features(pixel_values=self.preprocess(images)))
+        features = clip_features(self.model.get_image_features(pixel_values=self.preprocess(images)))
         return F.normalize(features.float(), dim=-1)
 
     def encode_texts(self, prompts: list[str]) -> torch.Tensor:
         """B prompts -> (B, D) float32, unit L2 norm (prompts past max_tokens are truncated)."""
-        features = _features(self.model.get_text_features(**self.tokenize(prompts)))
+        features = clip_features(self.model.get_text_features(**self.tokenize(prompts)))
         return F.normalize(features.float(), dim=-1)

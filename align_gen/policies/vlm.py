@@ -65,18 +65,25 @@ DYNAMIC_RESOLUTION_DEFAULT = 448  # processors without a fixed size (Qwen2-VL)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
+def vocabulary_log_probs(logits: Tensor, temperature: float = 1.0, excluded: Sequence[int] = ()) -> Tensor:
+    """(B, T, V) float32 log softmax(logits / temperature) with the ``excluded`` token ids
+    removed from the vocabulary (given :data:`EXCLUDED_LOGIT`)."""
+    scaled = logits.float() / temperature
+    if excluded:
+        scaled = scaled.index_fill(-1, torch.as_tensor(list(excluded), device=scaled.device), EXCLUDED_LOGIT)
+    return scaled.log_softmax(dim=-1)
+
+
 def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, excluded: Sequence[int] = ()) -> Tensor:
-    """(B, T) float32 log pi(token) under softmax(logits / temperature) with ``excluded`` token
-    ids removed from the vocabulary; 0 where ``tokens`` is -1 (padding).
+    """(B, T) float32 log pi(token) of :func:`vocabulary_log_probs`; 0 where ``tokens`` is -1
+    (padding).
 
     Args:
         logits: (B, T, V) the logits that predict each token.
         tokens: (B, T) token ids, -1 for padding.
     """
-    scaled = logits.float() / temperature
-    if excluded:
-        scaled = scaled.index_fill(-1, torch.as_tensor(list(excluded), device=scaled.device), EXCLUDED_LOGIT)
-    log_probs = scaled.log_softmax(dim=-1).gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = vocabulary_log_probs(logits, temperature, excluded)
+    log_probs = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return log_probs.masked_fill(tokens < 0, 0.0)
 
 
@@ -330,11 +337,7 @@ class VLMPolicy(TrainableWeights):
 
     def _answer_log_softmax(self, rollout: Rollout, answers: Tensor) -> Tensor:
         """(B, T, V) float32 log pi(. | prompt, answer prefix) at temperature 1."""
-        logits = self._answer_logits(rollout.conditioning, answers)
-        if self.excluded_tokens:
-            excluded = torch.as_tensor(self.excluded_tokens, device=logits.device)
-            logits = logits.index_fill(-1, excluded, EXCLUDED_LOGIT)
-        return logits.log_softmax(dim=-1)
+        return vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), 1.0, self.excluded_tokens)
 
     def _answers(self, rollout: Rollout, clean: Tensor | None) -> Tensor:
         return (rollout.final_samples if clean is None else clean).to(self.device)

@@ -162,7 +162,8 @@ def _build_unet(out: Path, config: WorldBuildConfig) -> dict:
     pipeline = diffusion.assemble_pipeline(vae, unet, out / "clip")
     diffusion.save_pipeline(pipeline, out / "sd")
     clip_model, clip_tokenizer = clip.load_clip(out / "clip")
-    prompts = shapes.all_captions("heldout")[:: max(1, len(shapes.all_captions("heldout")) // 32)]
+    heldout = shapes.all_captions("heldout")
+    prompts = heldout[:: max(1, len(heldout) // 32)]
     quality = diffusion.prompt_alignment(pipeline, clip_model, clip_tokenizer, prompts, seeds=[0, 1])
     return _record(out, config, "unet", out / "sd", quality, seconds)
 

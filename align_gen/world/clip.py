@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from align_gen.world import shapes
+from align_gen.world.training import OnStep, resume, warmup_cosine
+from reward_models.hf_clip import clip_features
 
 CONTEXT_LENGTH = 16  # tokens, <bos> and <eos> included: the longest caption is ~9 words
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -130,17 +131,12 @@ def embed(model, tokenizer, images: torch.Tensor | None = None, captions: list[s
     device = next(model.parameters()).device
     image_features = text_features = None
     if images is not None:
-        image_features = _features(model.get_image_features(pixel_values=normalise_images(images.to(device))))
+        image_features = clip_features(model.get_image_features(pixel_values=normalise_images(images.to(device))))
         image_features = F.normalize(image_features, dim=-1)
     if captions is not None:
-        text_features = _features(model.get_text_features(**tokenize(tokenizer, captions, device)))
+        text_features = clip_features(model.get_text_features(**tokenize(tokenizer, captions, device)))
         text_features = F.normalize(text_features, dim=-1)
     return image_features, text_features
-
-
-def _features(output) -> torch.Tensor:
-    """transformers 5 may return a model output instead of a tensor from get_*_features."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -163,7 +159,7 @@ def train_clip(
     config: ClipTrainConfig,
     world: shapes.ShapesWorld,
     state: dict | None = None,
-    on_step: Callable[[int, float, torch.nn.Module, torch.optim.Optimizer], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer): trains the world's CLIP from scratch, or from ``state`` (``model``,
     ``optimizer`` and ``step`` saved by a caller's ``on_step``), calling
@@ -172,12 +168,8 @@ def train_clip(
     tokenizer = build_tokenizer()
     model = build_clip(config, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, config), last_epoch=start - 1)
+    start = resume(model, optimizer, state)
+    schedule = warmup_cosine(optimizer, config.steps, config.warmup_steps, start)
     model.train()
     for step in range(start, config.steps):
         generator = np.random.default_rng([config.seed, step])
@@ -194,13 +186,6 @@ def train_clip(
             on_step(step + 1, loss.item(), model, optimizer)
     model.eval()
     return model, tokenizer
-
-
-def _cosine(step: int, config: ClipTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def label_prompts(label: str) -> list[str]:

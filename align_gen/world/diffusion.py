@@ -22,15 +22,14 @@ import copy
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align_gen.world import clip, shapes
-
-OnStep = Callable[[int, float, torch.nn.Module, torch.optim.Optimizer], None]
+from align_gen.world.training import OnStep, resume, warmup_cosine
 
 # Stable Diffusion 1.x's noise schedule (its scheduler_config.json).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -125,8 +124,8 @@ def train_vae(
     seeded by (seed, step), so a resumed run sees the same data."""
     vae = build_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    start = _resume(vae, optimizer, state)
-    schedule = _warmup_cosine(optimizer, config.steps, config.warmup_steps, start)
+    start = resume(vae, optimizer, state)
+    schedule = warmup_cosine(optimizer, config.steps, config.warmup_steps, start)
     vae.train()
     for step in range(start, config.steps):
         rng = np.random.default_rng([config.seed, step])
@@ -258,8 +257,8 @@ def train_unet(
     (seed, step)."""
     unet = build_unet(config, cross_attention_dim=text_encoder.config.hidden_size)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    start = _resume(unet, optimizer, state)
-    schedule = _warmup_cosine(optimizer, config.steps, config.warmup_steps, start)
+    start = resume(unet, optimizer, state)
+    schedule = warmup_cosine(optimizer, config.steps, config.warmup_steps, start)
     scheduler = noise_scheduler()
     vae.eval()
     text_encoder.eval()
@@ -284,28 +283,6 @@ def train_unet(
 
 
 # --- shared training pieces ----------------------------------------------------------------------
-
-def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> int:
-    """Loads ``state`` (model, optimizer, step) if given; the step to start from."""
-    if state is None:
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
-
-
-def _warmup_cosine(optimizer, steps: int, warmup: int, start: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``; positioned at
-    ``start`` for a resumed run."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
-
 
 def _torch_generator(rng: np.random.Generator) -> torch.Generator:
     """A torch generator seeded from ``rng`` (so torch draws follow the step's seed too)."""
