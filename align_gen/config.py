@@ -133,6 +133,18 @@ class GridConfig:
 
 
 @dataclasses.dataclass
+class EvaluationConfig:
+    """Mean reward on fixed held-out prompts and seeds (paired samples, see align_gen.evaluation),
+    measured before the first update, every ``every`` epochs and after the last one."""
+
+    prompts: str | None = None  # a prompt source like prompts.source; None = no evaluation
+    num_prompts: int = 0  # an evenly spaced subset of that many prompts; 0 = all of them
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [1000, 1001])  # one sample per prompt per seed
+    every: int = 0  # epochs; 0 = only before and after training
+    batch_size: int = 32  # prompts per sampling batch
+
+
+@dataclasses.dataclass
 class ObjectiveConfig:
     """Base of every objective's config; ``name`` selects the objective."""
 
@@ -158,6 +170,7 @@ class RunConfig:
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
     prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         _check_positive(self, ["epochs", "save_every", "keep_checkpoints"])
@@ -178,6 +191,13 @@ class RunConfig:
                 f"sample.batch_size ({self.sample.batch_size}) must be a multiple of "
                 f"sample.samples_per_prompt ({self.sample.samples_per_prompt})."
             )
+        if self.evaluation.num_prompts < 0 or self.evaluation.every < 0 or self.evaluation.batch_size < 1:
+            raise ConfigError(
+                "evaluation.num_prompts and evaluation.every must be >= 0 and evaluation.batch_size >= 1; got "
+                f"{self.evaluation.num_prompts}, {self.evaluation.every}, {self.evaluation.batch_size}."
+            )
+        if self.evaluation.prompts is not None and not self.evaluation.seeds:
+            raise ConfigError("evaluation.seeds is empty: give at least one seed (one sample per prompt per seed).")
         if self.train.batch_size is None:
             self.train.batch_size = self.sample.batch_size
         total = self.sample.batch_size * self.sample.num_batches_per_epoch

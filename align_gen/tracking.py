@@ -1,5 +1,5 @@
-"""Run metrics: one JSON line per epoch in metrics.jsonl, TensorBoard when installed, and the
-learning-curve plot."""
+"""Run metrics: one JSON line per epoch in metrics.jsonl, one per held-out evaluation in
+evaluation.jsonl, TensorBoard when installed, and the learning-curve plot."""
 
 from __future__ import annotations
 
@@ -8,19 +8,37 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+EVALUATION_FILE = "evaluation.jsonl"
 
 
 class MetricsLog:
-    """Appends per-epoch metrics; on resume, drops lines of epochs that will be redone."""
+    """Appends one JSON line per call; on resume, drops the lines of epochs that will be redone.
 
-    def __init__(self, output_dir: Path, *, start_epoch: int, tensorboard: bool, enabled: bool = True):
-        self.path = output_dir / METRICS_FILE
+    Each line's ``epoch_key`` field orders it: ``"epoch"`` (the epoch index) in metrics.jsonl,
+    ``"epochs_done"`` (updates finished when it was measured) in evaluation.jsonl. Lines whose
+    key is at least ``redo_from`` are dropped. TensorBoard scalars get ``tensorboard_prefix``.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        redo_from: int,
+        tensorboard: bool,
+        enabled: bool = True,
+        filename: str = METRICS_FILE,
+        epoch_key: str = "epoch",
+        tensorboard_prefix: str = "",
+    ):
+        self.path = output_dir / filename
         self.enabled = enabled
+        self.epoch_key = epoch_key
+        self.prefix = tensorboard_prefix
         self.writer = None
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["epoch"] < start_epoch]
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)[epoch_key] < redo_from]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -36,8 +54,8 @@ class MetricsLog:
             handle.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self.writer.add_scalar(key, value, metrics["epoch"])
+                if isinstance(value, (int, float)) and key != self.epoch_key:
+                    self.writer.add_scalar(self.prefix + key, value, metrics[self.epoch_key])
             self.writer.flush()
 
     def close(self) -> None:
@@ -49,8 +67,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_learning_curve(metrics_path: str | Path, out_path: str | Path, key: str = "reward_mean") -> None:
-    """Plots ``key`` (with +-1 std when ``<key minus _mean>_std`` exists) against the epoch."""
+def plot_learning_curve(
+    metrics_path: str | Path,
+    out_path: str | Path,
+    key: str = "reward_mean",
+    evaluation_path: str | Path | None = None,
+) -> None:
+    """Plots ``key`` (with +-1 std when ``<key minus _mean>_std`` exists) against the epoch, and,
+    when ``evaluation_path`` exists, the held-out evaluation's mean reward at the epoch whose
+    samples the evaluated policy drew (``epochs_done``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +91,15 @@ def plot_learning_curve(metrics_path: str | Path, out_path: str | Path, key: str
         low = [v - row[std_key] for v, row in zip(values, rows, strict=True)]
         high = [v + row[std_key] for v, row in zip(values, rows, strict=True)]
         axis.fill_between(epochs, low, high, alpha=0.2, label="+-1 std")
+    if evaluation_path is not None and Path(evaluation_path).is_file():
+        evaluations = read_metrics(evaluation_path)
+        axis.plot(
+            [row["epochs_done"] for row in evaluations],
+            [row["reward_mean"] for row in evaluations],
+            marker="s",
+            color="tab:red",
+            label=f"held-out evaluation ({evaluations[0]['n']} samples)" if evaluations else "held-out evaluation",
+        )
     axis.set_xlabel("epoch")
     axis.set_ylabel(key)
     axis.grid(alpha=0.3)

@@ -24,20 +24,28 @@ from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import ConfigError, RewardError
+from align_gen.evaluation import score_samples, select_prompts
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
 from align_gen.policies import build_policy
 from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
-from align_gen.tracking import METRICS_FILE, MetricsLog, plot_learning_curve
+from align_gen.tracking import (
+    EVALUATION_FILE,
+    METRICS_FILE,
+    MetricsLog,
+    plot_learning_curve,
+    read_metrics,
+)
 from align_gen.types import Rollout, VisualPrompt
-from pipelines.grid import sample_grid
+from pipelines.grid import sample_grid, side_by_side
 from reward_models import build_reward
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """Where a run's outputs went, and its first and last epoch's mean reward."""
+    """Where a run's outputs went; its first and last epoch's mean reward; and, when the run
+    has an ``evaluation:`` section, the held-out mean reward before and after training."""
 
     output_dir: Path
     final_model: Path
@@ -46,6 +54,10 @@ class TrainResult:
     grids: list[Path]
     first_reward: float | None
     last_reward: float | None
+    before_after_grid: Path | None = None
+    evaluation: Path | None = None
+    evaluation_before: float | None = None
+    evaluation_after: float | None = None
 
 
 def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
@@ -65,6 +77,7 @@ def train(config: RunConfig) -> TrainResult:
     policy = build_policy(config.model, config.sample, accelerator.device)
     prompts = load_prompts(config.prompts.source, visual=policy.takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, policy)
+    evaluation_prompts = _evaluation_prompts(config, policy)
     reward_fn = build_reward(config.reward.weights, config.reward.options)
     if getattr(reward_fn, "needs_texts", False) and not policy.takes_images:
         raise ConfigError(
@@ -92,11 +105,21 @@ def train(config: RunConfig) -> TrainResult:
     policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
 
     log = MetricsLog(
-        output_dir, start_epoch=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
+        output_dir, redo_from=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
+    )
+    evaluation_log = MetricsLog(
+        output_dir,
+        redo_from=start_epoch + 1,
+        tensorboard=config.tensorboard,
+        enabled=accelerator.is_main_process and evaluation_prompts is not None,
+        filename=EVALUATION_FILE,
+        epoch_key="epochs_done",
+        tensorboard_prefix="evaluation/",
     )
     grids = []
     if start_epoch == 0:
         grids.append(_save_grid(policy, grid_prompts, config, output_dir, 0, accelerator))
+        _evaluate(policy, reward_fn, evaluation_prompts, config, 0, evaluation_log, accelerator)
 
     epochs = tqdm(
         range(start_epoch, config.epochs),
@@ -146,6 +169,8 @@ def train(config: RunConfig) -> TrainResult:
         done = epoch + 1
         if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
             grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
+        if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
+            _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
         if done % config.save_every == 0 or done == config.epochs:
             if accelerator.is_main_process:
                 save_checkpoint(
@@ -159,16 +184,23 @@ def train(config: RunConfig) -> TrainResult:
                 )
             accelerator.wait_for_everyone()
     log.close()
+    evaluation_log.close()
 
     grids.append(_save_grid(policy, grid_prompts, config, output_dir, config.epochs, accelerator))
     final_model = output_dir / "final"
     curve = output_dir / "learning_curve.png"
+    before_after = output_dir / "grids" / "before_after.png"
     if accelerator.is_main_process:
         policy.save(final_model)
         if (output_dir / METRICS_FILE).exists():
-            plot_learning_curve(output_dir / METRICS_FILE, curve)
+            plot_learning_curve(output_dir / METRICS_FILE, curve, evaluation_path=output_dir / EVALUATION_FILE)
+        first_grid = output_dir / "grids" / f"epoch_{0:06d}.png"
+        if first_grid.is_file():
+            from PIL import Image
+
+            side_by_side([Image.open(first_grid), Image.open(grids[-1])], ["before", "after"]).save(before_after)
     accelerator.wait_for_everyone()
-    return _result(output_dir, final_model, curve, grids)
+    return _result(output_dir, final_model, curve, grids, before_after)
 
 
 def build_optimizer(policy: Policy, train_config: TrainConfig) -> torch.optim.Optimizer:
@@ -291,6 +323,50 @@ def _grid_prompts(config: RunConfig, prompts: list, policy: Policy) -> list:
     return config.grid.prompts or prompts[: config.grid.num_prompts]
 
 
+def _evaluation_prompts(config: RunConfig, policy: Policy) -> list | None:
+    """The fixed held-out prompts of ``evaluation:`` (None when the run has no evaluation)."""
+    if config.evaluation.prompts is None:
+        return None
+    prompts = load_prompts(
+        config.evaluation.prompts, visual=policy.takes_images, instruction=config.prompts.instruction
+    )
+    return select_prompts(prompts, config.evaluation.num_prompts)
+
+
+def _evaluate(
+    policy: Policy,
+    reward_fn,
+    prompts: list | None,
+    config: RunConfig,
+    epochs_done: int,
+    log: MetricsLog,
+    accelerator: Accelerator,
+) -> None:
+    """Scores the held-out prompts (each process its share) and logs the mean over all of them."""
+    if prompts is None:
+        return
+    started = time.perf_counter()
+    share = prompts[accelerator.process_index :: accelerator.num_processes]
+    scores = score_samples(
+        policy,
+        {"reward": reward_fn},
+        share,
+        config.evaluation.seeds,
+        config.evaluation.batch_size,
+        progress=accelerator.is_local_main_process,
+    )["reward"]
+    values = torch.tensor([value for part in gather_object([scores.tolist()]) for value in part])
+    log.log(
+        {
+            "epochs_done": epochs_done,
+            "reward_mean": float(values.mean()),
+            "reward_std": float(values.std(unbiased=False)),
+            "n": len(values),
+            "time_s": time.perf_counter() - started,
+        }
+    )
+
+
 def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int, accelerator: Accelerator) -> Path:
     """Every process samples (their forward passes may be collective); the main one saves."""
     path = output_dir / "grids" / f"epoch_{epoch:06d}.png"
@@ -301,11 +377,11 @@ def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int,
     return path
 
 
-def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path]) -> TrainResult:
-    from align_gen.tracking import read_metrics
-
+def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path], before_after: Path) -> TrainResult:
     metrics_path = output_dir / METRICS_FILE
+    evaluation_path = output_dir / EVALUATION_FILE
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    evaluations = read_metrics(evaluation_path) if evaluation_path.exists() else []
     return TrainResult(
         output_dir=output_dir,
         final_model=final_model,
@@ -314,4 +390,8 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path])
         grids=grids,
         first_reward=rows[0]["reward_mean"] if rows else None,
         last_reward=rows[-1]["reward_mean"] if rows else None,
+        before_after_grid=before_after if before_after.is_file() else None,
+        evaluation=evaluation_path if evaluations else None,
+        evaluation_before=evaluations[0]["reward_mean"] if evaluations and evaluations[0]["epochs_done"] == 0 else None,
+        evaluation_after=evaluations[-1]["reward_mean"] if evaluations else None,
     )

@@ -64,3 +64,21 @@ def sample_grid(policy, prompts: Sequence, seeds: Sequence[int]) -> Image.Image:
         for j, seed in enumerate(seeds)
     ]
     return render_grid(images, labels, columns=len(seeds))
+
+
+def side_by_side(panels: Sequence[Image.Image], titles: Sequence[str]) -> Image.Image:
+    """Grids (e.g. before and after training, same prompts and seeds) next to each other, each
+    under its title, separated by a gap."""
+    if len(panels) != len(titles) or not panels:
+        raise ValueError(f"{len(titles)} titles for {len(panels)} panels")
+    gap, title_h = 16, 20
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, title_h + max(panel.height for panel in panels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x = 0
+    for panel, title in zip(panels, titles, strict=True):
+        draw.text((x + 3, 4), title, fill="black", font=font)
+        canvas.paste(panel.convert("RGB"), (x, title_h))
+        x += panel.width + gap
+    return canvas
