@@ -57,6 +57,15 @@ def summarise(scores: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]
     }
 
 
+def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``after - before`` over paired samples (same prompt, same seed) and its standard
+    error (std of the differences / sqrt(n)): how far a policy moved, and how surely."""
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"need two equally long score lists of >= 2 paired samples, got {len(before)} and {len(after)}")
+    difference = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    return float(difference.mean()), float(difference.std() / len(difference) ** 0.5)
+
+
 def select_prompts(prompts: Sequence, count: int) -> list:
     """``count`` prompts spread evenly over the list (all of them when ``count`` is 0 or larger
     than the list): a fixed, deterministic subset."""

@@ -24,7 +24,7 @@ from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import ConfigError, RewardError
-from align_gen.evaluation import score_samples, select_prompts
+from align_gen.evaluation import paired_change, score_samples, select_prompts
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
 from align_gen.policies import build_policy
@@ -58,6 +58,7 @@ class TrainResult:
     evaluation: Path | None = None
     evaluation_before: float | None = None
     evaluation_after: float | None = None
+    evaluation_change: tuple[float, float] | None = None  # (mean, standard error) of paired differences
 
 
 def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
@@ -363,6 +364,7 @@ def _evaluate(
             "reward_std": float(values.std(unbiased=False)),
             "n": len(values),
             "time_s": time.perf_counter() - started,
+            "scores": [round(value, 6) for value in values.tolist()],  # seed-major; paired across rows
         }
     )
 
@@ -394,4 +396,9 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path],
         evaluation=evaluation_path if evaluations else None,
         evaluation_before=evaluations[0]["reward_mean"] if evaluations and evaluations[0]["epochs_done"] == 0 else None,
         evaluation_after=evaluations[-1]["reward_mean"] if evaluations else None,
+        evaluation_change=(
+            paired_change(evaluations[0]["scores"], evaluations[-1]["scores"])
+            if len(evaluations) > 1 and evaluations[0]["epochs_done"] == 0 and evaluations[0]["n"] > 1
+            else None
+        ),
     )

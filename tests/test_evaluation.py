@@ -10,12 +10,20 @@ from PIL import Image
 
 from align_gen.config import load_config
 from align_gen.errors import ConfigError
-from align_gen.evaluation import score_samples, select_prompts, summarise
+from align_gen.evaluation import paired_change, score_samples, select_prompts, summarise
 from align_gen.policies import build_policy
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 from reward_models import get_reward
 from tests.test_train import DEMO_CONFIG, FAST, run
+
+
+def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
+    change, error = paired_change([1.0, 2.0, 3.0], [2.0, 2.0, 5.0])  # differences 1, 0, 2
+    assert change == pytest.approx(1.0)
+    assert error == pytest.approx(1.0 / 3**0.5)  # sample std 1, n 3
+    with pytest.raises(ValueError, match="paired"):
+        paired_change([1.0], [2.0])
 
 
 def test_select_prompts_spreads_a_fixed_subset_over_the_list() -> None:
@@ -54,6 +62,8 @@ def test_a_run_with_an_evaluation_logs_it_before_periodically_and_after(tmp_path
     assert all(row["n"] == 2 for row in rows)
     assert result.evaluation_before == rows[0]["reward_mean"]
     assert result.evaluation_after == rows[-1]["reward_mean"]
+    change, _ = result.evaluation_change
+    assert change == pytest.approx(rows[-1]["reward_mean"] - rows[0]["reward_mean"], abs=1e-5)
     assert result.before_after_grid is not None
     before, after = (Image.open(p) for p in (result.grids[0], result.grids[-1]))
     assert Image.open(result.before_after_grid).width > before.width + after.width
@@ -73,6 +83,8 @@ def test_resume_keeps_the_evaluations_already_made(tmp_path: Path, prompt_file: 
 
     def without_time(path: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "time_s"} for row in read_metrics(path)]
+
+    assert len(read_metrics(straight.evaluation)[0]["scores"]) == 2
 
     assert without_time(straight.evaluation) == without_time(resumed.evaluation)
     assert [row["epochs_done"] for row in read_metrics(resumed.evaluation)] == [0, 1, 2, 3]
