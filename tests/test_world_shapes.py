@@ -245,3 +245,15 @@ def test_bad_shapes_and_worlds_are_errors():
         shapes.Shape("circle", "red", "small", 0.5, 0.5, extent=0.5)
     with pytest.raises(ValueError, match="seed"):
         ShapesWorld(seed=-1)
+
+
+def test_the_world_prompt_lists_are_the_caption_split() -> None:
+    """builtin:world_train is every train caption; builtin:world_heldout the held-out compositions
+    only (the count captions, in both splits, are left out so an evaluation on it is unseen)."""
+    from align_gen.prompts import load_prompts
+
+    train = shapes.all_captions("train")
+    assert load_prompts("builtin:world_train") == train
+    heldout = load_prompts("builtin:world_heldout")
+    assert heldout == [caption for caption in shapes.all_captions("heldout") if caption not in set(train)]
+    assert len(heldout) > 150 and not set(heldout) & set(train)
