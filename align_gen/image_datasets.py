@@ -16,6 +16,9 @@ Sources:
   rows. Pick-a-Pic's layout (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) yields each row's
   preferred image (ties are skipped); other datasets need a prompt column (``prompt``,
   ``caption`` or ``text``) and an image column (``image``, ``jpg`` or ``png``).
+- ``world:<split>`` or ``world:<split>:<count>`` (default 2,048): the tiny world's drawn scenes of
+  that caption split (``train`` or ``heldout``), rendered on demand; the same scenes every time
+  (:meth:`align_gen.world.shapes.ShapesWorld.dataset`). SePPO's winners on the world model.
 Every layout may add an answer (``answer``, VQAv2's ``multiple_choice_answer``, or the first of
 a list in ``answers``, whose items may be ``{"answer": ...}`` records).
 """
@@ -42,6 +45,8 @@ PROMPT_FIELDS = ("prompt", "caption", "text", "question")
 IMAGE_FIELDS = ("image", "jpg", "png")
 ANSWER_FIELDS = ("answer", "multiple_choice_answer", "answers")  # VQAv2 has the last two
 DEFAULT_MAX_EXAMPLES = 20_000  # rows read from a streamed hub dataset
+WORLD_PREFIX = "world:"
+WORLD_DEFAULT_COUNT = 2048  # drawn scenes of a world:<split> source
 
 ImageSource = Callable[[], Image.Image]
 
@@ -128,7 +133,7 @@ def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 def is_image_dataset_source(source: str) -> bool:
     """Whether ``source`` names a (prompt, image) dataset rather than a plain prompt list."""
-    if source.startswith("hf:"):
+    if source.startswith(("hf:", WORLD_PREFIX)):
         return True
     path = Path(source).expanduser()
     if path.is_dir():
@@ -147,6 +152,8 @@ def load_image_dataset(source: str, max_examples: int = DEFAULT_MAX_EXAMPLES) ->
     the file, line or column that is missing."""
     if source.startswith("hf:"):
         return _load_hub_dataset(source[3:], max_examples)
+    if source.startswith(WORLD_PREFIX):
+        return _load_world(source)
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path)
@@ -154,8 +161,22 @@ def load_image_dataset(source: str, max_examples: int = DEFAULT_MAX_EXAMPLES) ->
         return _load_jsonl(path)
     raise ConfigError(
         f"{source} is not a (prompt, image) dataset: give a folder, a .jsonl file with "
-        '"prompt" and "image" fields, or hf:<dataset id>.'
+        '"prompt" and "image" fields, hf:<dataset id>, or world:<split>.'
     )
+
+
+def _load_world(source: str) -> PromptImageDataset:
+    from align_gen.world import shapes
+
+    split, _, count = source[len(WORLD_PREFIX) :].partition(":")
+    if split not in shapes.SPLITS or (count and not (count.isdigit() and int(count) > 0)):
+        raise ConfigError(
+            f"{source!r}: a world dataset is world:<split> or world:<split>:<count> with split one of "
+            f"{', '.join(shapes.SPLITS)} and a positive count, e.g. world:train:{WORLD_DEFAULT_COUNT}."
+        )
+    _, captions, scenes = shapes.ShapesWorld().dataset(int(count or WORLD_DEFAULT_COUNT), split)
+    openers = [functools.partial(shapes.render, scene) for scene in scenes]
+    return PromptImageDataset(prompts=captions, sources=openers, name=source)
 
 
 def _some(answers: list[str | None]) -> list[str | None] | None:

@@ -41,12 +41,16 @@ class ClipProcessing(NamedTuple):
 
 
 def resolve_source(value: str, reward: str, option: str, example: str) -> tuple[str, bool]:
-    """(a local folder or hub id, whether it is local) for ``reward``'s ``option`` ``value``.
+    """(a local folder or hub id, whether it is local) for ``reward``'s ``option`` ``value``
+    (``align-gen:world-clip`` and the world's other shipped models resolve to their folders).
 
     Raises ``MissingWeightsError`` for a path that is neither an existing folder nor a hub id.
     """
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{reward}: {option} must be a hub id or a local folder, got {value!r}")
+    from align_gen.world import resolve_shipped  # align-gen:world-clip and the other shipped models
+
+    value = resolve_shipped(value)
     path = Path(value).expanduser()
     if path.is_dir():
         return str(path), True

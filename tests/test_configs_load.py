@@ -15,6 +15,7 @@ from align_gen.objectives import available_objectives, build_objective
 from align_gen.policies.loading import BUILTIN_MODELS, BUILTIN_PREFIX
 from align_gen.policies.tiny_vlms import TINY_VLMS
 from align_gen.prompts import load_prompts
+from align_gen.world import SHIPPED_MODELS
 from reward_models import available_rewards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_config_loads_and_is_consistent(path: Path) -> None:
     if config.prompts.source.startswith("builtin:"):
         assert load_prompts(config.prompts.source)
     if is_offline(config):
-        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in {*BUILTIN_MODELS, *TINY_VLMS}
+        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in {*BUILTIN_MODELS, *TINY_VLMS, *SHIPPED_MODELS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=config_id)

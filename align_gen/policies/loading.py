@@ -26,6 +26,7 @@ import torch
 
 from align_gen.errors import MissingWeightsError
 from align_gen.policies.tiny_vlms import TINY_VLMS
+from align_gen.world import SHIPPED_MODELS, resolve_shipped
 
 BUILTIN_PREFIX = "align-gen:"
 
@@ -359,12 +360,13 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    pretrained = resolve_shipped(pretrained)
     if pretrained.startswith(BUILTIN_PREFIX):
         name = pretrained[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
             raise MissingWeightsError(
                 f"unknown built-in model {pretrained!r}; built-ins: "
-                + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_MODELS, *TINY_VLMS])
+                + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_MODELS, *TINY_VLMS, *SHIPPED_MODELS])
             )
         pipeline = BUILTIN_MODELS[name]()
         return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
@@ -395,6 +397,7 @@ def is_vlm_source(pretrained: str) -> bool:
     pipeline: a VLM built-in, a local folder with a ``config.json`` and no ``model_index.json``,
     or a hub id whose repository has no ``model_index.json`` (checked only when the hub or the
     cache can answer; otherwise it is taken for a diffusion model, whose loader names it)."""
+    pretrained = resolve_shipped(pretrained)
     if pretrained.startswith(BUILTIN_PREFIX):
         return pretrained[len(BUILTIN_PREFIX) :] in TINY_VLMS
     folder = Path(pretrained).expanduser()
@@ -420,6 +423,7 @@ def load_vlm(pretrained: str, *, revision: str | None = None, dtype: torch.dtype
         MissingWeightsError: the folder does not exist, or the hub id is not cached and the
             hub cannot be reached; the message names what to provide.
     """
+    pretrained = resolve_shipped(pretrained)
     if pretrained.startswith(BUILTIN_PREFIX):
         model, processor = TINY_VLMS[pretrained[len(BUILTIN_PREFIX) :]]()
         return (model if dtype == torch.float32 else model.to(dtype)), processor

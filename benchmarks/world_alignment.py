@@ -1,0 +1,140 @@
+"""DDPO, REBEL, AWM and SePPO aligning the tiny world's diffusion model to the world's CLIP score.
+
+What is measured: each method trains the shipped world model (``align_gen/world/weights/sd``)
+with ``align_gen.train.train`` on its config ``configs/tiny/<method>_world_clipscore.yaml``
+(LoRA, DDIM 10 steps, guidance 3, world-CLIP ``clip_score`` reward, train-split captions), for
+the same SAMPLE BUDGET: ``epochs = --samples / samples per epoch``, where a method's samples per
+epoch are the images it draws (sample.batch_size x sample.num_batches_per_epoch; SePPO's are
+drawn by its reference model, and it also reads that many dataset winners: drawn world scenes of
+training captions, the ``world:train`` dataset). Every run evaluates with the SAME held-out set (the
+evaluation section below: ``--eval-prompts`` held-out captions x ``--eval-seeds``; each sample
+paired across evaluations) before training, every ``--eval-every`` epochs and after training.
+
+Reported per method: held-out reward before and after, the paired change with its standard
+error, samples used, and wall time (the trainer's sampling + reward + update clocks; model
+loading, grids, evaluations and checkpoints excluded). The plot shows held-out reward vs samples
+used. Methods run one after the other in this process; ``--reuse`` re-reads finished runs.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py --samples 128 --methods awm --json /tmp/w.json --plot /tmp/w.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from harness import describe_machine, load_average, print_machine, print_table, write_json
+
+from align_gen.config import load_config
+from align_gen.evaluation import paired_change
+from align_gen.tracking import read_metrics
+from align_gen.train import train
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONFIG_NAME = "{method}_world_clipscore.yaml"
+METHODS = ("ddpo", "rebel", "awm", "seppo")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--config-dir", type=Path, default=HERE.parent / "configs" / "tiny")
+    parser.add_argument("--samples", type=int, default=1024, help="images each method may draw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-prompts", default="builtin:world_heldout")
+    parser.add_argument("--eval-num-prompts", type=int, default=52, help="evenly spaced held-out captions")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[1000, 1001])
+    parser.add_argument("--eval-every", type=int, default=4, help="epochs between evaluations")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/world_alignment"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true", help="analyse the runs in --output-dir, do not train")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "world_alignment.png")
+    parser.add_argument("--json", type=Path, default=RESULTS / "world_alignment.json")
+    return parser.parse_args()
+
+
+def run_method(args: argparse.Namespace, method: str) -> dict:
+    """Trains ``method`` on the sample budget (unless --reuse); returns its row of the table."""
+    output_dir = args.output_dir / method
+    config_path = args.config_dir / CONFIG_NAME.format(method=method)
+    overrides = [
+        f"seed={args.seed}",
+        f"output_dir={json.dumps(str(output_dir))}",  # JSON: YAML reads it verbatim
+        "tensorboard=false",
+        "grid.every=0",
+        f"evaluation.prompts={args.eval_prompts}",
+        f"evaluation.num_prompts={args.eval_num_prompts}",
+        f"evaluation.seeds={json.dumps(args.eval_seeds)}",
+        f"evaluation.every={args.eval_every}",
+        *args.overrides,
+    ]
+    config = load_config(config_path, overrides)
+    per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+    epochs = max(1, args.samples // per_epoch)
+    config = load_config(config_path, [*overrides, f"epochs={epochs}", f"save_every={epochs}"])
+    if not args.reuse:
+        print(f"\n== {method}: {config_path}, {epochs} epochs x {per_epoch} samples (load {load_average()})", flush=True)
+        train(config)
+    metrics = read_metrics(output_dir / "metrics.jsonl")
+    evaluations = read_metrics(output_dir / "evaluation.jsonl")
+    change, error = paired_change(evaluations[0]["scores"], evaluations[-1]["scores"])
+    return {
+        "method": method,
+        "before": evaluations[0]["reward_mean"],
+        "after": evaluations[-1]["reward_mean"],
+        "change": change,
+        "change_se": error,
+        "samples": sum(row["samples"] for row in metrics),
+        "seconds": sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics),
+        "curve": [(row["epochs_done"] * per_epoch, row["reward_mean"]) for row in evaluations],
+        "config": str(config_path),
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        samples, rewards = zip(*row["curve"], strict=True)
+        axis.plot(samples, rewards, marker="o", markersize=3, label=row["method"])
+    axis.set_xlabel("samples drawn")
+    axis.set_ylabel("held-out world CLIP score (mean)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as train() picks
+    machine = describe_machine(device)
+    print_machine(machine)
+    rows = [run_method(args, method) for method in args.methods]
+    print(
+        f"\nheld-out: {args.eval_num_prompts} captions of {args.eval_prompts} x seeds {args.eval_seeds}; "
+        f"budget {args.samples} samples per method; seconds = sampling + reward + update"
+    )
+    print_table(
+        ["method", "before", "after", "change", "+- se", "samples", "seconds"],
+        [[r["method"], r["before"], r["after"], r["change"], r["change_se"], r["samples"], r["seconds"]] for r in rows],
+    )
+    title = f"world model, world CLIP score, {args.samples} samples each, seed {args.seed}, {machine['cpu']}"
+    plot(rows, args.plot, title)
+    write_json(args.json, {"benchmark": "world_alignment", "machine": machine, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

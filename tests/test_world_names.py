@@ -1,0 +1,56 @@
+"""The shipped world models by name (align-gen:world...), and the world:<split> dataset source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align_gen import world
+from align_gen.errors import ConfigError, MissingWeightsError
+from align_gen.image_datasets import is_image_dataset_source, load_image_dataset
+from align_gen.world import shapes
+
+
+def test_shipped_names_resolve_to_their_folders_and_others_pass_through() -> None:
+    assert Path(world.resolve_shipped("align-gen:world")) == world.WEIGHTS_DIR / "sd"
+    assert Path(world.resolve_shipped("align-gen:world-clip")) == world.WEIGHTS_DIR / "clip"
+    for other in ("align-gen:tiny-random-sd", "runwayml/stable-diffusion-v1-5", "/some/folder"):
+        assert world.resolve_shipped(other) == other
+
+
+def test_a_shipped_name_whose_folder_is_missing_says_how_to_build_it(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(world, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(MissingWeightsError, match="align-gen world build"):
+        world.resolve_shipped("align-gen:world")
+
+
+def test_the_world_model_and_clip_load_by_name(single_thread) -> None:
+    from align_gen.config import ModelConfig, SampleConfig
+    from align_gen.policies import build_policy
+    from align_gen.policies.diffusion import DiffusionPolicy
+    from reward_models import get_reward
+
+    policy = build_policy(ModelConfig(pretrained="align-gen:world"), SampleConfig(num_steps=2), trainable=False)
+    assert isinstance(policy, DiffusionPolicy)
+    reward = get_reward("clip_score", model="align-gen:world-clip")
+    image = shapes.to_tensor(shapes.render(shapes.single_shape_scene(__import__("numpy").random.default_rng(0))))
+    assert reward(image[None], ["a red circle"]).shape == (1,)
+
+
+def test_world_split_is_a_fixed_prompt_image_dataset_of_that_split() -> None:
+    assert is_image_dataset_source("world:train")
+    dataset = load_image_dataset("world:heldout:40")
+    again = load_image_dataset("world:heldout:40")
+    assert len(dataset.prompts) == 40 and dataset.prompts == again.prompts
+    assert set(dataset.prompts) <= set(shapes.all_captions("heldout"))
+    image = dataset.sources[0]()
+    assert image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    assert list(image.getdata()) == list(again.sources[0]().getdata())
+    assert len(load_image_dataset("world:train").prompts) == 2048
+
+
+@pytest.mark.parametrize("source", ["world:test", "world:train:0", "world:train:many"])
+def test_a_bad_world_source_names_the_valid_form(source: str) -> None:
+    with pytest.raises(ConfigError, match="world:<split>"):
+        load_image_dataset(source)
