@@ -3,20 +3,24 @@
 ``reward(images (B, 3, H, W) float in [0, 1], prompts, *, texts=None) -> (B,) float32``, where
 prompts are strings or ``VisualPrompt`` objects and ``texts`` are a vision-language policy's
 generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
-``clip_score``, ``aesthetic``, ``pickscore``. Text rewards (they need ``texts``):
+``clip_score``, ``aesthetic``, ``pickscore``, ``preference``. Text rewards (they need ``texts``):
 ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Any ``"package.module:attr"``
 spec works too. ``clip_score`` / ``clip_text_image`` run an open_clip model, or a transformers
 ``CLIPModel`` given as ``model=<folder or hub id>`` (``TransformersClipEncoder``, shared with
-``pickscore``). open_clip and transformers are imported only when a CLIP-based reward is built, so
-importing this package stays cheap.
+``pickscore``). ``preference`` is a Bradley-Terry head on a transformers CLIP's features
+(``model=<head folder>``, trained by ``align-gen train-reward``; the tiny world ships one for its
+synthetic "larger and more centred shapes" preference at ``align_gen/world/weights/preference``).
+open_clip and transformers are imported only when a CLIP-based reward is built, so importing this
+package stays cheap.
 """
 
 # Importing registers the built-ins; open_clip / transformers load only when a reward is built.
-from reward_models import aesthetic, clip_score, jpeg, pickscore, text  # noqa: F401
+from reward_models import aesthetic, clip_score, jpeg, pickscore, preference, text  # noqa: F401
 from reward_models.aesthetic import AestheticHead, AestheticScore
 from reward_models.clip_score import ClipScore, OpenClipEncoder
 from reward_models.hf_clip import TransformersClipEncoder
 from reward_models.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from reward_models.preference import PreferenceHead, PreferenceReward, bradley_terry_loss
 from reward_models.registry import (
     BatchedReward,
     FunctionReward,
@@ -42,11 +46,14 @@ __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "OpenClipEncoder",
+    "PreferenceHead",
+    "PreferenceReward",
     "RewardFn",
     "SequenceClassifier",
     "TransformersClipEncoder",
     "WeightedSum",
     "available_rewards",
+    "bradley_terry_loss",
     "build_reward",
     "check_reward_inputs",
     "check_reward_texts",

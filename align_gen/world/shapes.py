@@ -236,17 +236,28 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     if u < KIND_WEIGHTS["single"]:
         return _single_scene(rng, split)
     if u < KIND_WEIGHTS["single"] + KIND_WEIGHTS["relation"]:
-        colour1, kind1, relation, colour2, kind2 = _pick(rng, _RELATIONS[split])
-        shapes = _two_shapes(rng, (colour1, kind1), (colour2, kind2), relation, PERPENDICULAR_MAX)
-        caption = _relation_caption(colour1, kind1, relation, colour2, kind2)
-        return Scene(shapes, _background(rng), caption)
-    colour, kind = _pick(rng, _COUNTS)
+        return _relation_scene(rng, _pick(rng, _RELATIONS[split]))
+    return _count_scene(rng, _pick(rng, _COUNTS))
+
+
+def _relation_scene(rng: np.random.Generator, composition: tuple[str, ...]) -> Scene:
+    colour1, kind1, relation, colour2, kind2 = composition
+    shapes = _two_shapes(rng, (colour1, kind1), (colour2, kind2), relation, PERPENDICULAR_MAX)
+    return Scene(shapes, _background(rng), _relation_caption(*composition))
+
+
+def _count_scene(rng: np.random.Generator, composition: tuple[str, ...]) -> Scene:
+    colour, kind = composition
     shapes = _two_shapes(rng, (colour, kind), (colour, kind), _pick(rng, list(RELATIONS)), float("inf"))
     return Scene(shapes, _background(rng), _count_caption(colour, kind))
 
 
 def _single_scene(rng: np.random.Generator, split: str) -> Scene:
-    size, colour, kind = _pick(rng, _SINGLES[split])
+    return _single_scene_of(rng, _pick(rng, _SINGLES[split]))
+
+
+def _single_scene_of(rng: np.random.Generator, composition: tuple[str, ...]) -> Scene:
+    size, colour, kind = composition
     width = _extent(rng, size)
     low, high = MARGIN + width / 2, 1 - MARGIN - width / 2
     shape = Shape(kind, colour, size, _uniform(rng, low, high), _uniform(rng, low, high), width)
@@ -257,6 +268,30 @@ def single_shape_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """A random one-shape scene of ``split``, for zero-shot colour / shape / size evaluation."""
     _check_split(split)
     return _single_scene(rng, split)
+
+
+def _caption_compositions() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every caption of both splits -> (scene kind, composition)."""
+    table: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for split in SPLITS:
+        table.update({single_caption(*c): ("single", c) for c in _SINGLES[split]})
+        table.update({_relation_caption(*c): ("relation", c) for c in _RELATIONS[split]})
+    table.update({_count_caption(*c): ("count", c) for c in _COUNTS})
+    return table
+
+
+_CAPTION_COMPOSITIONS = _caption_compositions()
+_SCENE_OF_KIND = {"single": _single_scene_of, "relation": _relation_scene, "count": _count_scene}
+
+
+def scene_for_caption(rng: np.random.Generator, caption: str) -> Scene:
+    """A new random scene whose caption is exactly ``caption`` (of either split): the layout,
+    extents and background are drawn as :func:`sample_scene` draws them for that composition,
+    so two calls give two independent renderings of one caption."""
+    if caption not in _CAPTION_COMPOSITIONS:
+        raise ValueError(f"{caption!r} is not a caption of the world; see all_captions(split)")
+    kind, composition = _CAPTION_COMPOSITIONS[caption]
+    return _SCENE_OF_KIND[kind](rng, composition)
 
 
 # --- zero-shot label prompts -------------------------------------------------------------------
