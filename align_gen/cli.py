@@ -124,9 +124,19 @@ def _train(args: argparse.Namespace) -> int:
         print()
         if result.first_reward is not None:
             print(f"reward (mean over samples): first epoch {result.first_reward:.4f}, last epoch {result.last_reward:.4f}")
+        if result.evaluation_change is not None:
+            change, error = result.evaluation_change
+            print(
+                f"held-out reward (evaluation.prompts, paired samples): before {result.evaluation_before:.4f}, "
+                f"after {result.evaluation_after:.4f} ({change:+.4f} +- {error:.4f} s.e.)"
+            )
         print(f"metrics        {result.metrics}")
+        if result.evaluation is not None:
+            print(f"evaluation     {result.evaluation}")
         print(f"learning curve {result.learning_curve}")
         print(f"sample grids   {result.grids[0]} (before) ... {result.grids[-1]} (after)")
+        if result.before_after_grid is not None:
+            print(f"before | after {result.before_after_grid}")
         print(f"final model    {result.final_model}")
         print(f"checkpoints    {result.output_dir / 'checkpoints'}")
     return 0
@@ -184,9 +194,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from align_gen.config import apply_override
+    from align_gen.evaluation import score_samples, summarise
     from align_gen.prompts import load_prompts
     from reward_models import get_reward
 
@@ -200,18 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rewards = {name: get_reward(name, **options.get(name, {})) for name in args.reward}
     policy = _load_policy(args)
     prompts = load_prompts(args.prompts, visual=policy.takes_images)
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
-    for seed in args.seeds:
-        generator = torch.Generator().manual_seed(seed)
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            rollout = policy.sample(batch, generator=generator)
-            for name, reward in rewards.items():
-                scores[name].append(torch.as_tensor(reward(rollout.images, batch, texts=rollout.texts)).float().cpu())
-    results = {}
-    for name, values in scores.items():
-        values = torch.cat(values)
-        results[name] = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)), "n": len(values)}
+    results = summarise(score_samples(policy, rewards, prompts, args.seeds, args.batch_size))
     print(f"{'reward':<28}{'mean':>12}{'std':>12}{'n':>6}")
     for name, row in results.items():
         print(f"{name:<28}{row['mean']:>12.4f}{row['std']:>12.4f}{row['n']:>6}")

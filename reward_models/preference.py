@@ -141,7 +141,9 @@ def load_preference_head(
     """(head in float32 on the CPU, its config with ``clip`` resolved) from a head folder."""
     from safetensors.torch import load_file
 
-    folder = Path(folder).expanduser()
+    from align_gen.world import resolve_shipped  # align-gen:world-preference
+
+    folder = Path(resolve_shipped(str(folder))).expanduser()
     fix = f"set reward.options.{reward}.model to a folder written by 'align-gen train-reward --out'"
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
