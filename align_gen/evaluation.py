@@ -32,7 +32,8 @@ def score_samples(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every reward's scores of one sample per (seed, prompt): ``{name: (len(seeds) * len(prompts),)}``
-    float32 on the CPU, seed-major (all prompts of the first seed, then the next seed)."""
+    float32 on the CPU, seed-major (all prompts of the first seed, then the next seed). A
+    weighted sum of several rewards also gives each term's unweighted scores as ``name/term``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
@@ -46,6 +47,9 @@ def score_samples(
         for name, reward in rewards.items():
             values = torch.as_tensor(reward(rollout.images, batch, texts=rollout.texts)).float().flatten().cpu()
             scores[name].append(values)
+            terms = getattr(reward, "last_terms", None) or {}
+            for term, term_values in (terms.items() if len(terms) > 1 else ()):
+                scores.setdefault(f"{name}/{term}", []).append(term_values.float().flatten().cpu())
     return {name: torch.cat(values) if values else torch.empty(0) for name, values in scores.items()}
 
 

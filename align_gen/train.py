@@ -355,13 +355,18 @@ def _evaluate(
         config.evaluation.seeds,
         config.evaluation.batch_size,
         progress=accelerator.is_local_main_process,
-    )["reward"]
-    values = torch.tensor([value for part in gather_object([scores.tolist()]) for value in part])
+    )
+    gathered = {
+        name: torch.tensor([value for part in gather_object([values.tolist()]) for value in part])
+        for name, values in scores.items()
+    }
+    values = gathered.pop("reward")
     log.log(
         {
             "epochs_done": epochs_done,
             "reward_mean": float(values.mean()),
             "reward_std": float(values.std(unbiased=False)),
+            **{f"{name}_mean": float(term.mean()) for name, term in gathered.items()},  # reward/TERM_mean
             "n": len(values),
             "time_s": time.perf_counter() - started,
             "scores": [round(value, 6) for value in values.tolist()],  # seed-major; paired across rows

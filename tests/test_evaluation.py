@@ -103,3 +103,17 @@ def test_train_refuses_a_missing_evaluation_prompt_file(tmp_path: Path) -> None:
     config = load_config(DEMO_CONFIG, [*FAST, f"output_dir={tmp_path}", "evaluation.prompts=/no/such/prompts.txt"])
     with pytest.raises(ConfigError, match="prompts file not found"):
         train(config)
+
+
+def test_an_evaluation_of_a_weighted_sum_logs_each_term(tmp_path: Path, prompt_file: Path) -> None:
+    result = run(
+        tmp_path / "run",
+        "epochs=1",
+        f"evaluation.prompts={prompt_file}",
+        "evaluation.seeds=[7]",
+        "reward.weights={jpeg_compressibility: 1.0, jpeg_incompressibility: 0.5}",
+    )
+    row = read_metrics(result.evaluation)[0]
+    compressibility, size = row["reward/jpeg_compressibility_mean"], row["reward/jpeg_incompressibility_mean"]
+    assert compressibility == pytest.approx(-size)  # minus kB and kB of the same images
+    assert row["reward_mean"] == pytest.approx(compressibility + 0.5 * size, abs=1e-5)
