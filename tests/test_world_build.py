@@ -74,11 +74,12 @@ def test_resumed_training_equals_an_uninterrupted_run() -> None:
 def test_quick_build_writes_a_loadable_clip_and_a_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["world", "build", "--out", str(tmp_path), "--quick"]) == 0
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert set(manifest["stages"]) == {"clip", "vae", "unet"}
+    assert set(manifest["stages"]) == {"clip", "vae", "unet", "captioner"}
     for record in manifest["stages"].values():
         assert all(file_digest(tmp_path / n) == d for n, d in record["files"].items())
     assert "clip/model.safetensors" in manifest["stages"]["clip"]["files"]
     assert "sd/model_index.json" in manifest["stages"]["unet"]["files"]
+    assert "captioner/model.safetensors" in manifest["stages"]["captioner"]["files"]
     from reward_models import get_reward
 
     images, captions, _ = shapes.ShapesWorld(1).dataset(4, "train")

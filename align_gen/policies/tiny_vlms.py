@@ -16,6 +16,8 @@ toy learning tasks. Unknown words map to ``<unk>``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # The words of the tiny world's questions and answers (lower-cased by the tokenizer).
@@ -28,32 +30,38 @@ TINY_IMAGE_SIZE = 32
 TINY_VISION_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-def _tiny_llama(vocab: dict[str, int], bos: str, eos: str):
-    """The 2-layer Llama of width 32 that the tiny LLaVA and Idefics3 share."""
+def llama_config(vocab: dict[str, int], bos: str, eos: str, **sizes):
+    """A ``LlamaConfig`` for ``vocab``: by default the 2-layer Llama of width 32 that the tiny
+    LLaVA and Idefics3 share; ``sizes`` overrides its fields (``hidden_size``,
+    ``num_hidden_layers``, ...; the world's captioner is larger)."""
     from transformers import LlamaConfig
 
+    fields = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        **sizes,
+    }
     return LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab[bos],
         eos_token_id=vocab[eos],
+        **fields,
     )
 
 
-def _word_level_tokenizer(special_tokens: list[str], chat_template: str, eos: str):
+def word_level_tokenizer(special_tokens: list[str], template: str, eos: str, words: Sequence[str] = TINY_WORDS):
     """A ``PreTrainedTokenizerFast`` over ``special_tokens`` (the first two ``<pad>``, ``<unk>``)
-    + :data:`TINY_WORDS` (whitespace and punctuation split, lower-cased), padding on the left
-    for generation."""
+    + ``words`` (whitespace and punctuation split, lower-cased), padding on the left for
+    generation."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(special_tokens + TINY_WORDS)}
+    vocab = {token: index for index, token in enumerate(dict.fromkeys([*special_tokens, *words]))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -64,12 +72,12 @@ def _word_level_tokenizer(special_tokens: list[str], chat_template: str, eos: st
         unk_token="<unk>",
         eos_token=eos,
         additional_special_tokens=[token for token in special_tokens[2:] if token != eos],
-        chat_template=chat_template,
+        chat_template=template,
         padding_side="left",
     )
 
 
-def _chat_template(turn_start: str, turn_end: str, image: str, assistant: str) -> str:
+def chat_template(turn_start: str, turn_end: str, image: str, assistant: str) -> str:
     """A minimal Jinja chat template: ``turn_start + role`` ... ``turn_end`` per message, the
     image placeholder where an image part is, and the assistant's turn on request."""
     return (
@@ -81,40 +89,47 @@ def _chat_template(turn_start: str, turn_end: str, image: str, assistant: str) -
     )
 
 
-def build_tiny_random_llava(seed: int = 0):
-    """(model, processor): a LLaVA with a 2-layer CLIP vision tower (32 px, 8 px patches) and a
-    2-layer Llama of width 32."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def word_level_llava(vision_config, image_processor, *, words: Sequence[str] = TINY_WORDS, vision_feature_layer: int = -1,
+                     seed: int = 0, **text_sizes):
+    """(model, processor): a ``LlavaForConditionalGeneration`` with a CLIP vision tower of
+    ``vision_config`` (randomly initialised), the LLaVA projector and a Llama of
+    :func:`llama_config` (``text_sizes`` override its fields), with a word-level tokenizer over
+    ``words``, the chat template ``<s>user <image>question</s><s>assistant `` and
+    ``image_processor``. Every patch token but CLIP's class token is an image token."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     special = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    template = _chat_template("<s>", "</s>", "<image>", "<s>assistant ")
-    tokenizer = _word_level_tokenizer(special, template, eos="</s>")
-    side, patch = TINY_IMAGE_SIZE, 8
-    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    template = chat_template("<s>", "</s>", "<image>", "<s>assistant ")
+    tokenizer = word_level_tokenizer(special, template, eos="</s>", words=words)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=patch,
+        patch_size=vision_config.patch_size,
         vision_feature_select_strategy="default",
         chat_template=template,
         num_additional_image_tokens=1,  # CLIP's class token, which "default" drops
     )
     vocab = tokenizer.get_vocab()
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION_SIZES, image_size=side, patch_size=patch),
-        text_config=_tiny_llama(vocab, bos="<s>", eos="</s>"),
+        vision_config=vision_config,
+        text_config=llama_config(vocab, bos="<s>", eos="</s>", **text_sizes),
         image_token_index=vocab["<image>"],
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def build_tiny_random_llava(seed: int = 0):
+    """(model, processor): a LLaVA with a 2-layer CLIP vision tower (32 px, 8 px patches) and a
+    2-layer Llama of width 32."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    side = TINY_IMAGE_SIZE
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    vision_config = CLIPVisionConfig(**TINY_VISION_SIZES, image_size=side, patch_size=8)
+    return word_level_llava(vision_config, image_processor, seed=seed)
 
 
 def _tiny_qwen_vl_processor(processor_class):
@@ -126,10 +141,10 @@ def _tiny_qwen_vl_processor(processor_class):
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", *vision_tokens]
-    template = _chat_template(
+    template = chat_template(
         "<|im_start|>", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant "
     )
-    tokenizer = _word_level_tokenizer(special, template, eos="<|im_end|>")
+    tokenizer = word_level_tokenizer(special, template, eos="<|im_end|>")
     pixels = TINY_IMAGE_SIZE * TINY_IMAGE_SIZE
     sizes = {"min_pixels": pixels, "max_pixels": pixels, "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
     return processor_class(
@@ -234,8 +249,8 @@ def build_tiny_random_idefics3(seed: int = 0):
     # The processor expands <image> to <fake_token_around_image><global-img><image>...<fake_token_around_image>.
     image_tokens = ["<fake_token_around_image>", "<global-img>", "<image>"]
     special = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", *image_tokens]
-    template = _chat_template("<|im_start|>", "<end_of_utterance>", "<image>", "<|im_start|>assistant ")
-    tokenizer = _word_level_tokenizer(special, template, eos="<end_of_utterance>")
+    template = chat_template("<|im_start|>", "<end_of_utterance>", "<image>", "<|im_start|>assistant ")
+    tokenizer = word_level_tokenizer(special, template, eos="<end_of_utterance>")
     side, patch, scale_factor = TINY_IMAGE_SIZE, 8, 2
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side}
@@ -249,7 +264,7 @@ def build_tiny_random_idefics3(seed: int = 0):
     vocab = tokenizer.get_vocab()
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(**TINY_VISION_SIZES, image_size=side, patch_size=patch),
-        text_config=_tiny_llama(vocab, bos="<|im_start|>", eos="<end_of_utterance>"),
+        text_config=llama_config(vocab, bos="<|im_start|>", eos="<end_of_utterance>"),
         image_token_id=vocab["<image>"],
         scale_factor=scale_factor,
         pad_token_id=vocab["<pad>"],

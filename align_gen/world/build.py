@@ -12,8 +12,10 @@ Stages, in order (a later one reads what an earlier one wrote):
 - ``clip``: the world's CLIP (its ``clip_score`` reward and its text encoder);
 - ``vae``: an SD-format ``AutoencoderKL`` (32 px images <-> 16 x 16 x 4 latents);
 - ``unet``: an SD-format text-to-image UNet on those latents, conditioned on the CLIP's text
-  tower, written with them as a ``StableDiffusionPipeline`` folder (``<out>/sd``).
-The captioning VLM and the learned preference reward follow (see the README's status).
+  tower, written with them as a ``StableDiffusionPipeline`` folder (``<out>/sd``);
+- ``captioner``: a LLaVA-format captioning VLM whose vision tower is the CLIP's (reads
+  ``<out>/clip``), answering colour / shape questions and captioning (``<out>/captioner``).
+The learned preference reward follows (see the README's status).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align_gen.world import clip, diffusion, shapes
+from align_gen.world import captioner, clip, diffusion, shapes
 
 SHIPPED_DIR = Path(__file__).parent / "weights"  # what the package ships (and make demo uses)
 MANIFEST = "manifest.json"
-STAGES = ("clip", "vae", "unet")
-OUTPUTS = {"clip": "clip", "vae": "vae", "unet": "sd"}  # each stage's folder under the output
+STAGES = ("clip", "vae", "unet", "captioner")
+OUTPUTS = {"clip": "clip", "vae": "vae", "unet": "sd", "captioner": "captioner"}  # each stage's folder under the output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,7 @@ class WorldBuildConfig:
     clip: clip.ClipTrainConfig = dataclasses.field(default_factory=clip.ClipTrainConfig)
     vae: diffusion.VaeTrainConfig = dataclasses.field(default_factory=diffusion.VaeTrainConfig)
     unet: diffusion.UnetTrainConfig = dataclasses.field(default_factory=diffusion.UnetTrainConfig)
+    captioner: captioner.CaptionerTrainConfig = dataclasses.field(default_factory=captioner.CaptionerTrainConfig)
 
     def quick(self) -> WorldBuildConfig:
         """A few steps of every stage: checks the build end to end (not for shipping)."""
@@ -55,6 +58,7 @@ class WorldBuildConfig:
             clip=dataclasses.replace(self.clip, **{**few, "batch_size": 16}),
             vae=dataclasses.replace(self.vae, **few, scale_images=16),
             unet=dataclasses.replace(self.unet, **few),
+            captioner=dataclasses.replace(self.captioner, **few, eval_images=8),
         )
 
 
@@ -168,6 +172,19 @@ def _build_unet(out: Path, config: WorldBuildConfig) -> dict:
     return _record(out, config, "unet", out / "sd", quality, seconds)
 
 
+def _build_captioner(out: Path, config: WorldBuildConfig) -> dict:
+    if not (out / "clip").is_dir():
+        raise FileNotFoundError(f"the captioner stage needs the clip stage's output in {out / 'clip'}; build it first")
+    clip_model, _ = clip.load_clip(out / "clip")
+    (model, processor), seconds = _train_stage(
+        out, config, "captioner", lambda state, on_step: captioner.train_captioner(config.captioner, clip_model, state, on_step)
+    )
+    captioner.save_captioner(model, processor, out / "captioner")
+    world = shapes.ShapesWorld(config.seed)
+    quality = captioner.answer_accuracy(model, processor, world, config.captioner.eval_images)
+    return _record(out, config, "captioner", out / "captioner", quality, seconds)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,4 +193,4 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     temporary.replace(path)
 
 
-_STAGE_BUILDERS = {"clip": _build_clip, "vae": _build_vae, "unet": _build_unet}
+_STAGE_BUILDERS = {"clip": _build_clip, "vae": _build_vae, "unet": _build_unet, "captioner": _build_captioner}
