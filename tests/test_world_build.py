@@ -27,7 +27,7 @@ def load_shipped_clip():
 def test_shipped_weights_are_what_the_build_config_says() -> None:
     manifest = json.loads((SHIPPED_DIR / MANIFEST).read_text())
     config = WorldBuildConfig()
-    assert "clip" in manifest["stages"]
+    assert set(manifest["stages"]) == {"clip", "vae", "unet", "captioner"}
     for stage, recorded in manifest["stages"].items():
         expected = {"seed": config.seed, **dataclasses.asdict(getattr(config, stage))}
         assert recorded["config"] == json.loads(json.dumps(expected)), stage

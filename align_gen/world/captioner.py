@@ -1,7 +1,7 @@
 """The tiny world's captioning VLM: a LLaVA that sees with the world CLIP's vision tower.
 
 A transformers ``LlavaForConditionalGeneration`` in LLaVA-1.5's layout: the world CLIP's vision
-tower (its config, its trained weights; its penultimate layer's 64 patch tokens, CLIP's class
+tower (its config, its trained weights; the 64 patch tokens of one of its layers, CLIP's class
 token dropped, are the image tokens), LLaVA's two-layer MLP projector and a small Llama, with a
 word-level tokenizer over the world's caption words, the questions' words and the specials, a
 chat template, and a ``LlavaProcessor`` whose 32 px ``CLIPImageProcessor`` normalises as the
@@ -45,7 +45,14 @@ MAX_ANSWER_TOKENS = 10  # the longest caption ("a purple circle left of an orang
 
 @dataclasses.dataclass(frozen=True)
 class CaptionerTrainConfig:
-    """How the world's captioner is trained (the defaults are what ships)."""
+    """How the world's captioner is trained (the defaults are what ships).
+
+    Measured at 600 steps (held-out greedy accuracy, one thread): tuning the vision tower at
+    1e-4 raised shape accuracy (0.92 -> 1.00) but made a step 1.6x slower, and matched the frozen
+    tower run for 1.7x as many steps; the CLIP's layer 2 of 4 (``vision_feature_layer`` -3)
+    describes two-shape relations better than LLaVA's penultimate layer (correct up to wording:
+    24% vs 9% held-out), layer 1 about as well, the patch embeddings worse; learning rate 2e-3
+    was worse than 1e-3."""
 
     steps: int = 1500
     batch_size: int = 48
@@ -55,14 +62,17 @@ class CaptionerTrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     seed: int = 0
-    # Fractions of a batch asking the colour, the shape, and for the caption (sum to 1).
-    task_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    # Fractions of a batch asking the colour, the shape, and for the caption (normalised to sum
+    # 1). Captions carry most: they name colour and shape too, and relations are the hard part.
+    task_mix: tuple[float, float, float] = (0.15, 0.15, 0.7)
     # The Llama language model; the vision tower is the world CLIP's.
     hidden_size: int = 128
     layers: int = 3
     heads: int = 4
     intermediate_size: int = 256
-    vision_feature_layer: int = -2  # LLaVA's: the penultimate layer's patch tokens
+    # The vision tower's hidden state whose patch tokens are the image tokens (-1: its last
+    # layer's, LLaVA's -2: the penultimate). Earlier layers keep more of where things are.
+    vision_feature_layer: int = -3
     eval_images: int = 300  # held-out images per question that the build's quality is measured on
 
 
