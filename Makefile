@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(VENV)/bin/align-gen train configs/tiny/ddpo_tiny_compressibility.yaml
+	$(VENV)/bin/align-gen train configs/tiny/awm_world_preference.yaml
 
 test: install
 	$(PY) -m pytest -q -x --durations=15

@@ -15,7 +15,7 @@ from align_gen.policies import build_policy
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 from reward_models import get_reward
-from tests.test_train import DEMO_CONFIG, FAST, run
+from tests.test_train import FAST, TINY_CONFIG, run
 
 
 def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
@@ -34,7 +34,7 @@ def test_select_prompts_spreads_a_fixed_subset_over_the_list() -> None:
 
 
 def test_score_samples_pairs_seeds_and_prompts_across_calls(single_thread) -> None:
-    config = load_config(DEMO_CONFIG, FAST)
+    config = load_config(TINY_CONFIG, FAST)
     policy = build_policy(config.model, config.sample, "cpu", trainable=False)
     rewards = {"jpeg": get_reward("jpeg_compressibility")}
     prompts = ["a red circle", "a blue square", "a green triangle"]
@@ -96,11 +96,11 @@ def test_resume_keeps_the_evaluations_already_made(tmp_path: Path, prompt_file: 
 )
 def test_bad_evaluation_settings_are_named(override: str, message: str, prompt_file: Path) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(DEMO_CONFIG, [f"evaluation.prompts={prompt_file}", override])
+        load_config(TINY_CONFIG, [f"evaluation.prompts={prompt_file}", override])
 
 
 def test_train_refuses_a_missing_evaluation_prompt_file(tmp_path: Path) -> None:
-    config = load_config(DEMO_CONFIG, [*FAST, f"output_dir={tmp_path}", "evaluation.prompts=/no/such/prompts.txt"])
+    config = load_config(TINY_CONFIG, [*FAST, f"output_dir={tmp_path}", "evaluation.prompts=/no/such/prompts.txt"])
     with pytest.raises(ConfigError, match="prompts file not found"):
         train(config)
 

@@ -16,10 +16,10 @@ from align_gen.tracking import read_metrics
 from align_gen.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
 TIMING_KEYS = {"time_sampling_s", "time_update_s"}
 
-# A fast variant of the demo: 3 denoising steps, 4 samples per epoch.
+# A fast variant of the tiny compressibility config: 3 denoising steps, 4 samples per epoch.
 FAST = [
     "sample.num_steps=3",
     "sample.batch_size=2",
@@ -32,7 +32,7 @@ FAST = [
 
 
 def run(output_dir: Path, *overrides: str):
-    config = load_config(DEMO_CONFIG, [*FAST, f"output_dir={output_dir}", *overrides])
+    config = load_config(TINY_CONFIG, [*FAST, f"output_dir={output_dir}", *overrides])
     return train(config)
 
 
@@ -75,15 +75,37 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
     assert [row["epoch"] for row in read_metrics(result.metrics)] == [0]
 
 
+def demo_config() -> Path:
+    """The config `make demo` trains (read from the Makefile, so this test follows it)."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if "align-gen train " in line:
+            return REPO / line.split("align-gen train ", 1)[1].split()[0]
+    raise AssertionError("the Makefile's demo target runs no `align-gen train CONFIG`")
+
+
 @pytest.mark.slow
-def test_demo_raises_compressibility(tmp_path: Path) -> None:
-    """A shortened `make demo`: the same config, fewer epochs; the reward must clearly rise."""
-    epochs = int(os.environ.get("ALIGN_GEN_DEMO_TEST_EPOCHS", "12"))
-    config = load_config(DEMO_CONFIG, [f"output_dir={tmp_path}", f"epochs={epochs}", "grid.every=0", "tensorboard=false"])
+def test_demo_raises_the_held_out_reward(tmp_path: Path) -> None:
+    """A shortened `make demo` (6 of its 12 epochs, half its held-out captions, one seed): the
+    aligned model's held-out reward must be clearly above the base model's on paired samples,
+    while the world CLIP score (logged, not optimised) must not collapse."""
+    epochs = int(os.environ.get("ALIGN_GEN_DEMO_TEST_EPOCHS", "6"))
+    config = load_config(
+        demo_config(),
+        [
+            f"output_dir={tmp_path}",
+            f"epochs={epochs}",
+            "evaluation.num_prompts=96",
+            "evaluation.seeds=[1000]",
+            "grid.seeds=[0]",
+            "tensorboard=false",
+        ],
+    )
     result = train(config)
-    rows = read_metrics(result.metrics)
-    first, last = rows[0], rows[-1]
-    # "Clearly above": by more than twice the spread of the first epoch's rewards (which is far
-    # more than the uncertainty of its mean, std / sqrt(64)).
-    margin = 2 * first["reward_std"]
-    assert last["reward_mean"] > first["reward_mean"] + margin, [round(r["reward_mean"], 4) for r in rows]
+    change, error = result.evaluation_change
+    # "Clearly": 4 standard errors of the paired difference, and at least 0.5 preference
+    # log-odds units (measured: +0.85 +- 0.20 after 4 epochs, +2.1 +- 0.2 after all 12).
+    assert change > max(0.5, 4 * error), (change, error)
+    rows = read_metrics(result.evaluation)
+    before, after = rows[0]["reward/clip_score_mean"], rows[-1]["reward/clip_score_mean"]
+    assert after > before - 0.05, (before, after)
+    assert result.before_after_grid is not None and result.learning_curve.is_file()
