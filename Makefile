@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/ddpo_update.py
 	$(PY) benchmarks/rebel_memory.py
 	$(PY) benchmarks/vlm_sampling.py
+	$(PY) benchmarks/world_alignment.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -130,3 +130,35 @@ def write_json(path: Path | None, result: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
+
+
+def save_line_plot(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    target: float | None = None,
+) -> None:
+    """One line per ``series`` entry ({label: (xs, ys)}), an optional dashed target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker="o", markersize=3, label=label)
+    if target is not None:
+        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4g}")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import describe_machine, load_average, print_machine, print_table, write_json
+from harness import (
+    describe_machine,
+    load_average,
+    print_machine,
+    print_table,
+    save_line_plot,
+    write_json,
+)
 
 from align_gen.config import load_config
 from align_gen.train import train
@@ -144,26 +151,18 @@ def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, fl
 
 
 def plot(curves: dict[str, list[dict[str, float]]], target: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method, curve in curves.items():
-        xs = [point["seconds"] for point in curve]
-        axis.plot(xs, [point["reward"] for point in curve], marker="o", markersize=3, label=method)
-    axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4g}")
-    axis.set_xlabel("cumulative seconds (sampling + reward + update)")
-    axis.set_ylabel("reward_mean")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    print(f"wrote {path}")
+    series = {
+        method: ([point["seconds"] for point in curve], [point["reward"] for point in curve])
+        for method, curve in curves.items()
+    }
+    save_line_plot(
+        series,
+        path,
+        xlabel="cumulative seconds (sampling + reward + update)",
+        ylabel="reward_mean",
+        title=title,
+        target=target,
+    )
 
 
 def summarise(

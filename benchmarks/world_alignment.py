@@ -26,7 +26,14 @@ import json
 from pathlib import Path
 
 import torch
-from harness import describe_machine, load_average, print_machine, print_table, write_json
+from harness import (
+    describe_machine,
+    load_average,
+    print_machine,
+    print_table,
+    save_line_plot,
+    write_json,
+)
 
 from align_gen.config import load_config
 from align_gen.evaluation import paired_change
@@ -96,25 +103,10 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        samples, rewards = zip(*row["curve"], strict=True)
-        axis.plot(samples, rewards, marker="o", markersize=3, label=row["method"])
-    axis.set_xlabel("samples drawn")
-    axis.set_ylabel("held-out world CLIP score (mean)")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    print(f"wrote {path}")
+    series = {row["method"]: tuple(map(list, zip(*row["curve"], strict=True))) for row in rows}
+    save_line_plot(
+        series, path, xlabel="samples drawn", ylabel="held-out world CLIP score (mean)", title=title
+    )
 
 
 def main() -> None:
