@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align_gen.world import captioner, clip, diffusion, shapes
+from align_gen.world import WEIGHTS_DIR, captioner, clip, diffusion, shapes
 
-SHIPPED_DIR = Path(__file__).parent / "weights"  # what the package ships (and make demo uses)
+SHIPPED_DIR = WEIGHTS_DIR  # what the package ships (align-gen:world... names these folders)
 MANIFEST = "manifest.json"
 STAGES = ("clip", "vae", "unet", "captioner")
 OUTPUTS = {"clip": "clip", "vae": "vae", "unet": "sd", "captioner": "captioner"}  # each stage's folder under the output
