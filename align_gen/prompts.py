@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from align_gen.errors import ConfigError
-from align_gen.image_datasets import is_image_dataset_source, load_image_dataset
+from align_gen.image_datasets import WORLD_PREFIX, is_image_dataset_source, load_image_dataset
 from align_gen.types import VisualPrompt
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
@@ -44,7 +44,7 @@ def load_prompts(
             )
         prompts = load_image_dataset(source).visual_prompts()
         return prompts if instruction is None else [dataclasses.replace(p, text=instruction) for p in prompts]
-    if source.startswith("hf:") or Path(source).expanduser().is_dir():
+    if source.startswith(("hf:", WORLD_PREFIX)) or Path(source).expanduser().is_dir():
         return load_image_dataset(source).prompts
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]

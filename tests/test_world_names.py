@@ -48,6 +48,9 @@ def test_world_split_is_a_fixed_prompt_image_dataset_of_that_split() -> None:
     assert image.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
     assert list(image.getdata()) == list(again.sources[0]().getdata())
     assert len(load_image_dataset("world:train").prompts) == 2048
+    from align_gen.prompts import load_prompts
+
+    assert load_prompts("world:heldout:40") == dataset.prompts  # its prompts, as for any dataset
 
 
 @pytest.mark.parametrize("source", ["world:test", "world:train:0", "world:train:many"])
