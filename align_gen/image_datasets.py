@@ -122,13 +122,17 @@ def row_answer(row: dict[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]: an image's RGB pixels / 255 (the reward input format)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
 def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """(3, size, size) float32 in [0, 1]: the centre square of ``image``, resized (bicubic)."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return image_to_tensor(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def is_image_dataset_source(source: str) -> bool:

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from align_gen.errors import ConfigError, MissingWeightsError
+from align_gen.image_datasets import image_to_tensor
 from reward_models.hf_clip import TransformersClipEncoder
 from reward_models.hub import hub_offline
 from reward_models.preference import (
@@ -169,8 +170,7 @@ def _open_images(files: list[Path]) -> list[torch.Tensor]:
     tensors = []
     for file in files:
         with Image.open(file) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        tensors.append(torch.from_numpy(pixels).permute(2, 0, 1))
+            tensors.append(image_to_tensor(image))
     return tensors
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from align_gen.image_datasets import image_to_tensor
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -340,7 +342,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a (3, H, W) float32 tensor in [0, 1], as :meth:`ShapesWorld.batch` gives."""
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div_(255.0)
+    return image_to_tensor(image)
 
 
 # --- batches -----------------------------------------------------------------------------------
