@@ -26,9 +26,10 @@ import torch
 
 from align_gen.errors import MissingWeightsError
 from align_gen.policies.tiny_vlms import TINY_VLMS
+from align_gen.world import (
+    PREFIX as BUILTIN_PREFIX,  # "align-gen:", one definition for every built-in
+)
 from align_gen.world import SHIPPED_MODELS, resolve_shipped
-
-BUILTIN_PREFIX = "align-gen:"
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -21,7 +21,7 @@ SHIPPED_MODELS = {  # align-gen:<name> -> its folder under WEIGHTS_DIR
     "world-captioner": "captioner",
     "world-preference": "preference",
 }
-PREFIX = "align-gen:"
+PREFIX = "align-gen:"  # every built-in name's prefix (the policies' tiny models too)
 
 
 def is_shipped(spec: str) -> bool:
