@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from align_gen import world
@@ -34,7 +35,7 @@ def test_the_world_model_and_clip_load_by_name(single_thread) -> None:
     policy = build_policy(ModelConfig(pretrained="align-gen:world"), SampleConfig(num_steps=2), trainable=False)
     assert isinstance(policy, DiffusionPolicy)
     reward = get_reward("clip_score", model="align-gen:world-clip")
-    image = shapes.to_tensor(shapes.render(shapes.single_shape_scene(__import__("numpy").random.default_rng(0))))
+    image = shapes.to_tensor(shapes.render(shapes.single_shape_scene(np.random.default_rng(0))))
     assert reward(image[None], ["a red circle"]).shape == (1,)
 
 
