@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL_NAME = "ViT-L-14"
 DEFAULT_PRETRAINED = "openai"
+RESIZE_MODES = ("shortest", "longest")  # open_clip's names; see clip_preprocess
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -88,17 +89,54 @@ def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Mo
             # The OpenAI weights were trained with QuickGELU; open_clip only warns on a mismatch.
             force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
         )
-    except RuntimeError as err:
-        if tag_cfg:
+    except (RuntimeError, AssertionError) as err:  # open_clip asserts on some shape mismatches
+        if tag_cfg and isinstance(err, RuntimeError):
             raise MissingWeightsError(
                 f"could not load open_clip weights {model_name!r}/{pretrained!r} offline; "
                 f"download them once with network access, or set {option}=/path/to/checkpoint.pt"
             ) from err
         raise RewardError(
             f"checkpoint {pretrained} does not fit open_clip model {model_name!r}: "
-            f"{str(err).splitlines()[0][:300]}"
+            f"{(str(err).splitlines() or [type(err).__name__])[0][:300]}"
         ) from err
     return model
+
+
+def clip_preprocess(
+    images: torch.Tensor,
+    size: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    resize_mode: str = "shortest",
+) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, *size) float, normalised: CLIP-style evaluation
+    preprocessing in torch, on the images' device (bicubic, antialiased, clamped to [0, 1]).
+
+    ``resize_mode`` follows open_clip's names: "shortest" resizes the short side to the target
+    and centre-crops; "longest" resizes the long side to it and pads the rest with black,
+    centred (HPS v2's ``ResizeMaxSize``). ``mean`` / ``std``: (1, 3, 1, 1) on the images' device.
+    """
+    if resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    (height, width), (out_h, out_w) = images.shape[-2:], size
+    if (height, width) != (out_h, out_w):
+        if resize_mode == "shortest":
+            scale = max(out_h / height, out_w / width)
+            new_size = (max(out_h, round(height * scale)), max(out_w, round(width * scale)))
+        else:
+            scale = min(out_h / height, out_w / width)
+            new_size = (min(out_h, round(height * scale)), min(out_w, round(width * scale)))
+        if new_size != (height, width):
+            images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True)
+        images = images.clamp(0.0, 1.0)
+        if resize_mode == "shortest":
+            top, left = (new_size[0] - out_h) // 2, (new_size[1] - out_w) // 2
+            images = images[..., top : top + out_h, left : left + out_w]
+        else:
+            pad_h, pad_w = out_h - new_size[0], out_w - new_size[1]
+            padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            images = F.pad(images, padding, value=0.0)  # (left, right, top, bottom)
+    return (images - mean) / std
 
 
 class OpenClipEncoder:
@@ -106,7 +144,7 @@ class OpenClipEncoder:
 
     Built from ``model_name`` + ``pretrained`` (tag or checkpoint path), or from an
     already-built ``model`` (+ ``tokenizer``, needed only for ``encode_texts``), which is moved to
-    ``device``/``dtype`` in place and frozen.
+    ``device``/``dtype`` in place and frozen. ``resize_mode``: see ``clip_preprocess``.
     """
 
     def __init__(
@@ -119,7 +157,11 @@ class OpenClipEncoder:
         option: str = "pretrained",
         model: torch.nn.Module | None = None,
         tokenizer: Any | None = None,
+        resize_mode: str = "shortest",
     ) -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        self.resize_mode = resize_mode
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if model is None:
@@ -150,15 +192,8 @@ class OpenClipEncoder:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, h, w) normalised model input on the model's device."""
         images = images.to(device=self.device, dtype=torch.float32)
-        (height, width), (out_h, out_w) = images.shape[-2:], self.image_size
-        if (height, width) != (out_h, out_w):
-            # Resize the short side to the target (open_clip's 'shortest' mode), then crop.
-            scale = max(out_h / height, out_w / width)
-            new_size = (max(out_h, round(height * scale)), max(out_w, round(width * scale)))
-            images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True)
-            top, left = (new_size[0] - out_h) // 2, (new_size[1] - out_w) // 2
-            images = images[..., top : top + out_h, left : left + out_w].clamp(0.0, 1.0)
-        return ((images - self.mean) / self.std).to(self.dtype)
+        pixels = clip_preprocess(images, self.image_size, self.mean, self.std, self.resize_mode)
+        return pixels.to(self.dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) float32, unit L2 norm."""

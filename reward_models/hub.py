@@ -1,16 +1,20 @@
 """Loading reward-model weights from the hub or a local folder, with one-line errors.
 
-Shared by the learned rewards (aesthetic, PickScore, sequence classifiers): offline (the
-``HF_HUB_OFFLINE`` flag as set now) only the cache is read, and every failure names what to
-provide instead of a library traceback.
+Shared by the learned rewards (aesthetic, PickScore, HPS v2, ImageReward, sequence
+classifiers): offline (the ``HF_HUB_OFFLINE`` flag as set now) only the cache is read, and every
+failure names what to provide instead of a library traceback. A single weights file is named by
+its local path or as ``hub:<owner>/<repo>/<path in the repo>`` (``resolve_file``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from align_gen.errors import MissingWeightsError, RewardError
+from align_gen.errors import ConfigError, MissingWeightsError, RewardError
+
+HUB_FILE_PREFIX = "hub:"
 
 
 def hub_offline() -> bool:
@@ -56,3 +60,45 @@ def load_pretrained(loader: Any, source: str, local: bool, *, what: str, fix: st
         raise RewardError(
             f"{what}: {source!r} does not load as {loader.__name__}: {type(err).__name__}: {reason}"
         ) from err
+
+
+def resolve_file(spec: str, *, what: str, fix: str) -> Path:
+    """The local path of a weights file: ``spec`` itself, or for ``hub:<owner>/<repo>/<file>``
+    the file downloaded from that hub repository (read from the cache only when offline).
+
+    Args:
+        spec: a local file path, or ``hub:`` + repository id + ``/`` + the file's path in it.
+        what: names the file in messages, e.g. ``"hpsv2: model"``.
+        fix: what the user should set instead, e.g. ``"set reward.options.hpsv2.model=/path"``.
+
+    Raises:
+        ConfigError: ``spec`` is empty or a malformed ``hub:`` spec.
+        MissingWeightsError: no such local file, or the hub file is not cached offline (or
+            cannot be downloaded): one line naming the file, the repository and ``fix``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"{what} must be a file path or hub:<owner>/<repo>/<file>, got {spec!r}")
+    if spec.startswith(HUB_FILE_PREFIX):
+        parts = spec[len(HUB_FILE_PREFIX) :].split("/", 2)
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError(
+                f"{what}: {spec!r} is not a hub file; write hub:<owner>/<repo>/<file>, "
+                "e.g. hub:xswu/HPSv2/HPS_v2.1_compressed.pt"
+            )
+        repo_id, filename = f"{parts[0]}/{parts[1]}", parts[2]
+        from huggingface_hub import hf_hub_download
+
+        offline = hub_offline()
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
+        except Exception as err:  # not cached offline, no such repo/file, HTTP errors
+            raise MissingWeightsError(
+                f"{what}: could not get {filename!r} from hub repo {repo_id!r}"
+                f"{' offline' if offline else ''} ({type(err).__name__}); download it once with "
+                f"network access (hf download {repo_id} {filename}), or {fix}"
+            ) from err
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MissingWeightsError(f"{what}: file {path} {state}; {fix}")
+    return path
