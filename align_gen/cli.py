@@ -40,17 +40,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
         ("sample", "render a labelled grid of samples (prompts x seeds)"),
-        ("evaluate", "score samples with reward models: mean and std per reward"),
+        ("evaluate", "score samples with reward models (one model, or two compared on the same prompts and seeds)"),
     ):
         command = commands.add_parser(name, help=helptext)
         command.add_argument(
-            "model", help="hub id, diffusers or transformers VLM folder, align-gen:NAME, or a run's final/ folder"
+            "model",
+            nargs="?" if name == "evaluate" else None,
+            help="hub id, diffusers or transformers VLM folder, align-gen:NAME, a run's output or final/ folder, "
+            "or a run's checkpoint folder",
         )
         command.add_argument("--lora", help="folder with LoRA weights (what align-gen train saves)")
         command.add_argument(
             "--prompts",
             required=True,
-            help="prompt file (.txt, .jsonl) or builtin:NAME; for a VLM an (image, prompt) dataset (folder or .jsonl)",
+            help="prompt file (.txt, .jsonl), builtin:NAME or hf:<dataset id>[@split][#column]; for a VLM an "
+            "(image, prompt) dataset (folder or .jsonl)",
         )
         command.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sample per prompt per seed")
         command.add_argument("--steps", type=int, default=50, help="denoising steps")
@@ -62,14 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     commands.choices["sample"].add_argument("--out", default="grid.png", help="output PNG")
     commands.choices["sample"].set_defaults(handler=_sample)
-    evaluate = commands.choices["evaluate"]
-    evaluate.add_argument("--reward", action="append", required=True, help="reward name (repeatable)")
-    evaluate.add_argument(
-        "--reward-option", action="append", default=[], help="NAME.option=value, e.g. clip_score.pretrained=/ckpt.pt"
-    )
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--out", default="evaluation.json", help="output JSON")
-    evaluate.set_defaults(handler=_evaluate)
+    _add_evaluate_options(commands.choices["evaluate"])
 
     _add_train_reward_parser(commands)
 
@@ -83,6 +80,29 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the build, not for use")
     build.set_defaults(handler=_world_build)
     return parser
+
+
+def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
+    evaluate.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model A (or give it first)")
+    evaluate.add_argument("--compare", metavar="MODEL", help="a model B sampled with the same prompts and seeds")
+    evaluate.add_argument("--compare-lora", help="LoRA weights for --compare")
+    evaluate.add_argument("--reward", action="append", default=[], help="reward name (repeatable)")
+    evaluate.add_argument(
+        "--reward-weights", nargs="+", metavar="NAME=W", default=[], help="one weighted-sum reward, 'weighted'"
+    )
+    evaluate.add_argument(
+        "--reward-option", action="append", default=[], help="NAME.option=value, e.g. clip_score.pretrained=/ckpt.pt"
+    )
+    evaluate.add_argument("--num-prompts", type=int, default=0, help="prompts spread over the list (0 = all)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--grid-prompts", type=int, default=8, help="prompts in the sample grid (up to 4 seeds)")
+    evaluate.add_argument("--run", help="a training output folder: its monitors and held-out curve join the report")
+    evaluate.add_argument(
+        "--out",
+        default="evaluation",
+        help="output folder (scores, summary, CSV, report, grid); a path ending in .json writes the summary only",
+    )
+    evaluate.set_defaults(handler=_evaluate, seeds=[0, 1, 2])
 
 
 def _add_train_reward_parser(commands) -> None:
@@ -153,19 +173,25 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         raise AlignGenError(f"--batch-size must be >= 1, got {args.batch_size}.")
 
 
-def _load_policy(args: argparse.Namespace):
+def _load_policy(args: argparse.Namespace, model: str | None = None, lora: str | None = None):
+    """The policy of ``model`` (default ``args.model``) with ``lora`` (default ``args.lora``), for
+    sampling with the command's settings. A run's output folder stands for its final/ folder, a
+    run's final/ folder holding LoRA weights for them on the recorded base model, and a run's
+    checkpoint folder for the run's model with the checkpoint's trained weights."""
     import torch
 
     from align_gen.config import ModelConfig, SampleConfig
     from align_gen.policies import build_policy
     from align_gen.policies.weights import MODEL_CARD_FILE
 
-    model, lora = args.model, args.lora
+    model, lora = (args.model, args.lora) if model is None else (model, lora)
+    if (Path(model) / "final" / MODEL_CARD_FILE).is_file():  # a run's output folder
+        model = str(Path(model) / "final")
     card = Path(model) / MODEL_CARD_FILE
     if card.is_file():  # a run's final/ folder: LoRA weights on top of the recorded base model
         description = json.loads(card.read_text())
         if description["kind"] == "lora":
-            model, lora = description["base_model"], lora or args.model
+            model, lora = description["base_model"], lora or model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sample = SampleConfig(
         num_steps=args.steps,
@@ -174,9 +200,30 @@ def _load_policy(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
     )
+    if (Path(model) / "trainable.safetensors").is_file():
+        return _load_checkpoint_policy(Path(model), sample, args.dtype, device)
     return build_policy(
         ModelConfig(pretrained=model, dtype=args.dtype), sample, device, trainable=False, lora_path=lora
     )
+
+
+def _load_checkpoint_policy(checkpoint: Path, sample, dtype: str, device: str):
+    """A checkpoint (``<run>/checkpoints/epoch_N``): the run's model (its config.yaml) with the
+    checkpoint's trainable weights (LoRA adapters or the full denoiser)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from align_gen.config import load_config
+    from align_gen.policies import build_policy
+
+    config_path = checkpoint.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise AlignGenError(f"{checkpoint} looks like a checkpoint but {config_path} (the run's config) is missing.")
+    run = load_config(config_path)
+    policy = build_policy(dataclasses.replace(run.model, dtype=dtype), sample, device, trainable=True)
+    policy.load_trainable_state_dict(load_file(str(checkpoint / "trainable.safetensors")))
+    return policy
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -194,30 +241,101 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from align_gen.config import apply_override
-    from align_gen.evaluation import score_samples, summarise
+    """Samples model A (and B with --compare) on the same prompts and seeds, scores every sample
+    and writes the outputs of :mod:`align_gen.report` (a .json --out: the summary only)."""
+    from align_gen.evaluation import sample_and_score, select_prompts
     from align_gen.prompts import load_prompts
-    from reward_models import get_reward
+    from align_gen.report import EvaluatedModel, build_summary, summary_table, write_outputs
 
     _check_sampling_args(args)
+    model, run_dir = _evaluation_model(args)
+    rewards = _evaluation_rewards(args)
+    settings = {
+        "prompts": args.prompts,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "sampling": {
+            key: getattr(args, key) for key in ("steps", "guidance_scale", "eta", "max_new_tokens", "temperature", "dtype")
+        },
+        "run": None if run_dir is None else str(run_dir),
+    }
+    models: list[EvaluatedModel] = []
+    prompts, shown, visual = None, [], None
+    for role, name, lora in (("A", model, args.lora), ("B", args.compare, args.compare_lora)):
+        if name is None:
+            continue
+        policy = _load_policy(args, name, lora)
+        if prompts is None:
+            visual = policy.takes_images
+            prompts = select_prompts(load_prompts(args.prompts, visual=visual), args.num_prompts)
+            shown = select_prompts(range(len(prompts)), args.grid_prompts) if args.grid_prompts > 0 else []
+        elif policy.takes_images != visual:
+            raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
+        samples = sample_and_score(policy, rewards, prompts, args.seeds, args.batch_size, keep_prompts=shown,
+                                   keep_seeds=min(len(args.seeds), 4), desc=f"evaluating {role}")
+        models.append(EvaluatedModel(role, name, lora, samples))
+        del policy  # B loads after A is gone: one model in memory at a time
+    out = Path(args.out)
+    if out.suffix == ".json":
+        summary = build_summary(models, prompts, settings)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
+        written = [out]
+    else:
+        summary = write_outputs(out, models, prompts, settings, run_dir)
+        names = ["summary.json", "scores.json", "scores.csv", "report.md", "report.html"]
+        names += ["comparison.png", "samples.png", "training.png"]
+        written = [out / name for name in names if (out / name).is_file()]
+    print(summary_table(summary))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _evaluation_model(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Model A (the positional MODEL, --model, or the --run folder's final model) and the --run
+    folder, checked before anything is sampled."""
+    if args.num_prompts < 0 or args.grid_prompts < 0:
+        raise AlignGenError(f"--num-prompts and --grid-prompts must be >= 0, got {args.num_prompts} and {args.grid_prompts}.")
+    if args.model and args.model_flag:
+        raise AlignGenError(f"give the model once: {args.model!r} and --model {args.model_flag!r}.")
+    run_dir = None if args.run is None else Path(args.run)
+    if run_dir is not None and args.out.endswith(".json"):
+        raise AlignGenError("--run adds a section to the report; give --out a folder (a .json --out is the summary only).")
+    if run_dir is not None and not any((run_dir / name).is_file() for name in ("metrics.jsonl", "evaluation.jsonl")):
+        raise AlignGenError(f"--run {run_dir}: not a training output folder (no metrics.jsonl or evaluation.jsonl).")
+    model = args.model or args.model_flag or (str(run_dir) if run_dir is not None else None)
+    if model is None:
+        raise AlignGenError("give the model to evaluate: align-gen evaluate MODEL (or --model MODEL, or --run DIR).")
+    return model, run_dir
+
+
+def _evaluation_rewards(args: argparse.Namespace) -> dict:
+    """{name: reward} of --reward and --reward-weights (the weighted sum is named 'weighted')."""
+    from align_gen.config import apply_override
+    from reward_models import build_reward, get_reward
+
+    if not args.reward and not args.reward_weights:
+        raise AlignGenError("give at least one --reward NAME (repeatable) or --reward-weights NAME=W ...")
     options: dict = {}
     for option in args.reward_option:
         apply_override(options, option)
-    unknown = set(options) - set(args.reward)
+    weights: dict[str, float] = {}
+    for item in args.reward_weights:
+        name, sep, weight = item.partition("=")
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise AlignGenError(f"--reward-weights takes NAME=WEIGHT items, e.g. clip_score=1.0; got {item!r}.")
+    unknown = set(options) - set(args.reward) - set(weights)
     if unknown:
         raise AlignGenError(f"--reward-option names rewards not given with --reward: {', '.join(sorted(unknown))}")
     rewards = {name: get_reward(name, **options.get(name, {})) for name in args.reward}
-    policy = _load_policy(args)
-    prompts = load_prompts(args.prompts, visual=policy.takes_images)
-    results = summarise(score_samples(policy, rewards, prompts, args.seeds, args.batch_size))
-    print(f"{'reward':<28}{'mean':>12}{'std':>12}{'n':>6}")
-    for name, row in results.items():
-        print(f"{name:<28}{row['mean']:>12.4f}{row['std']:>12.4f}{row['n']:>6}")
-    report = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "seeds": args.seeds, "rewards": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
-    return 0
+    if weights:
+        rewards["weighted"] = build_reward(weights, {name: options[name] for name in weights if name in options})
+    return rewards
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:

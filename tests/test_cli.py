@@ -1,5 +1,6 @@
 """The ``align-gen`` command: bad input is one line on stderr and exit status 2 (never a
-traceback); ``sample`` writes a grid, ``evaluate`` a JSON report, ``train`` a final model.
+traceback); ``sample`` writes a grid, ``evaluate`` a JSON summary (its other outputs are tested
+in test_evaluation_suite.py), ``train`` a final model.
 
 Most cases call :func:`align_gen.cli.main` in-process; a few run the real command in a
 subprocess to prove the exit status and the absence of a traceback end to end.
@@ -293,7 +294,7 @@ def test_evaluate_writes_json_and_prints_a_table(
     rows = report["rewards"]
     assert set(rows) == {"jpeg_compressibility", "jpeg_incompressibility"}
     for row in rows.values():
-        assert set(row) == {"mean", "std", "n"}
+        assert {"mean", "std", "n", "ci_low", "ci_high"} <= set(row)
         assert row["n"] == 2  # 2 prompts x 1 seed
         assert row["std"] >= 0
     # both rewards scored the same images: +size and -size
@@ -302,10 +303,12 @@ def test_evaluate_writes_json_and_prints_a_table(
         -rows["jpeg_compressibility"]["mean"]
     )
     lines = out.splitlines()
-    assert lines[0].split() == ["reward", "mean", "std", "n"]
+    assert lines[0].split() == ["reward", "model", "mean", "std", "95%", "CI", "n"]
     for line, (name, row) in zip(lines[1:3], rows.items(), strict=True):
-        assert line.split() == [name, f"{row['mean']:.4f}", f"{row['std']:.4f}", "2"]
-    assert lines[-1] == f"wrote {out_path}"
+        interval = [f"[{row['ci_low']:.4f},", f"{row['ci_high']:.4f}]"]
+        assert line.split() == [name, "A", f"{row['mean']:.4f}", f"{row['std']:.4f}", *interval, "2"]
+    assert lines[-1] == f"wrote {out_path}"  # a .json --out: the summary only (the former output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "prompts.txt"]
 
 
 def test_evaluate_unknown_reward(
