@@ -145,6 +145,31 @@ class EvaluationConfig:
 
 
 @dataclasses.dataclass
+class MonitorConfig:
+    """Over-optimisation monitors (align_gen.monitors): ``monitor/*`` keys in metrics.jsonl.
+
+    The training and held-out rewards (and their gap) cost nothing and are logged every epoch
+    they exist; diversity and the KL to the base model cost forward passes and run every
+    ``every`` epochs, before the epoch's update."""
+
+    enabled: bool = True  # false logs no monitor/* key at all
+    every: int = 1  # epochs between diversity / KL measurements (epochs 0, every, 2 every, ...)
+    # Samples per process whose KL to the base model is estimated: 2 forward passes per step
+    # each, i.e. 2 * kl_samples / (samples per epoch) of the sampling cost. 0 = no KL monitor.
+    kl_samples: int = 8
+    diversity: bool = True  # CLIP embeddings of every sample of the epoch (about 1 ms each, world CLIP on CPU)
+    # A transformers CLIPModel (hub id, folder or align-gen:world-clip) for diversity. None = the
+    # world CLIP for built-in models (align-gen:*); other models get no diversity until one is named.
+    clip_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.kl_samples < 0:
+            raise ConfigError(
+                f"monitors.every must be >= 1 and monitors.kl_samples >= 0 (0 = off); got {self.every}, {self.kl_samples}."
+            )
+
+
+@dataclasses.dataclass
 class ObjectiveConfig:
     """Base of every objective's config; ``name`` selects the objective."""
 
@@ -171,6 +196,7 @@ class RunConfig:
     prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     grid: GridConfig = dataclasses.field(default_factory=GridConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    monitors: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         _check_positive(self, ["epochs", "save_every", "keep_checkpoints"])

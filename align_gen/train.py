@@ -25,6 +25,7 @@ from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoin
 from align_gen.config import RunConfig, TrainConfig, save_config
 from align_gen.errors import ConfigError, RewardError
 from align_gen.evaluation import paired_change, score_samples, select_prompts
+from align_gen.monitors import Monitors
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
 from align_gen.policies import build_policy
@@ -92,6 +93,9 @@ def train(config: RunConfig) -> TrainResult:
     optimizer = build_optimizer(policy, config.train)
 
     objective.setup(policy, config)
+    monitors = Monitors(config, policy, objective, accelerator)
+    for note in monitors.notes:
+        accelerator.print(note)
 
     start_epoch, global_step = 0, 0
     checkpoint_dir = resolve_resume(config.resume, output_dir)
@@ -120,7 +124,10 @@ def train(config: RunConfig) -> TrainResult:
     grids = []
     if start_epoch == 0:
         grids.append(_save_grid(policy, grid_prompts, config, output_dir, 0, accelerator))
-        _evaluate(policy, reward_fn, evaluation_prompts, config, 0, evaluation_log, accelerator)
+        heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, 0, evaluation_log, accelerator)
+        monitors.record_heldout(0, heldout)
+    elif accelerator.is_main_process:  # the evaluation of the checkpoint's weights, for its monitor row
+        monitors.read_heldout(output_dir / EVALUATION_FILE, start_epoch)
 
     epochs = tqdm(
         range(start_epoch, config.epochs),
@@ -147,6 +154,11 @@ def train(config: RunConfig) -> TrainResult:
         rollouts.rewards = rewards
         rollouts.advantages = all_advantages[local].to(accelerator.device)
 
+        # 3b. over-optimisation monitors, on the weights that drew the rollouts (no grad)
+        monitoring = time.perf_counter()
+        monitor_metrics = monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))
+        monitored = time.perf_counter()
+
         # 4. update
         update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
         global_step += steps
@@ -161,9 +173,11 @@ def train(config: RunConfig) -> TrainResult:
             "reward_std": float(all_rewards.std(unbiased=False)),
             **_reward_term_metrics(reward_fn),
             **update_metrics,
+            **monitor_metrics,
             "samples": len(all_rewards),
             "time_sampling_s": sampled - started,
-            "time_update_s": finished - sampled,
+            "time_monitors_s": monitored - monitoring,
+            "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
         }
         log.log(metrics)
         epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
@@ -171,7 +185,8 @@ def train(config: RunConfig) -> TrainResult:
         if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
             grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
         if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
-            _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
+            heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
+            monitors.record_heldout(done, heldout)
         if done % config.save_every == 0 or done == config.epochs:
             if accelerator.is_main_process:
                 save_checkpoint(
@@ -342,10 +357,11 @@ def _evaluate(
     epochs_done: int,
     log: MetricsLog,
     accelerator: Accelerator,
-) -> None:
-    """Scores the held-out prompts (each process its share) and logs the mean over all of them."""
+) -> float | None:
+    """Scores the held-out prompts (each process its share), logs the mean over all of them and
+    returns it (None when the run has no evaluation)."""
     if prompts is None:
-        return
+        return None
     started = time.perf_counter()
     share = prompts[accelerator.process_index :: accelerator.num_processes]
     scores = score_samples(
@@ -372,6 +388,7 @@ def _evaluate(
             "scores": [round(value, 6) for value in values.tolist()],  # seed-major; paired across rows
         }
     )
+    return float(values.mean())
 
 
 def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int, accelerator: Accelerator) -> Path:
