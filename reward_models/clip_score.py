@@ -89,8 +89,9 @@ def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Mo
             # The OpenAI weights were trained with QuickGELU; open_clip only warns on a mismatch.
             force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
         )
-    except (RuntimeError, AssertionError) as err:  # open_clip asserts on some shape mismatches
-        if tag_cfg and isinstance(err, RuntimeError):
+    except (RuntimeError, OSError, AssertionError) as err:  # asserts: some shape mismatches
+        # A tag's weights not cached offline: RuntimeError (open_clip 3), FileNotFoundError (2.x).
+        if tag_cfg and isinstance(err, RuntimeError | OSError):
             raise MissingWeightsError(
                 f"could not load open_clip weights {model_name!r}/{pretrained!r} offline; "
                 f"download them once with network access, or set {option}=/path/to/checkpoint.pt"
