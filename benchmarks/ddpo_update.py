@@ -8,40 +8,70 @@ default) or the whole UNet trainable (``--full``). One epoch of rollouts
 update). Then ``update(...)`` -- DDPO's clipped surrogate re-scored on every timestep of every
 rollout, backward per step, one optimizer step per minibatch -- is timed.
 
+``--compare-anchor`` also times, in the same process on the same rollouts, LoRA, optimizer and
+number of optimizer steps, the update as the research anchor (ddpo-pytorch's train loop) writes
+it: :func:`anchor_update`, a loop over timesteps with one forward/backward per timestep, the
+classifier-free guidance as TWO UNet passes of B rows (unconditional, then conditional) where
+align-gen runs ONE pass of 2B, and the log-prob through the same float32 kernel
+(``align_gen.kernels.ddim_step_with_logprob``) on the full latent. Both compute the same loss and
+gradient (``tests/test_full_size_benchmarks.py`` checks it to float tolerance), so the ratio
+compares two implementations of one computation. (ddpo-pytorch's own train step batches the two
+CFG branches as we do; the two-pass form is that of pipelines that call the denoiser once per
+branch. ``--anchor-cfg batched`` times the anchor loop with one 2B pass, isolating the loop's own
+cost.)
+
 How: one process, one warm-up update (it also allocates AdamW's state), then ``--repeats``
 timed updates over the same rollouts (the weights move between repeats; the cost of an update does
-not depend on them), each between ``torch.cuda.synchronize()`` calls on CUDA.
+not depend on them), each between ``torch.cuda.synchronize()`` calls on CUDA; with
+``--compare-anchor`` the two alternate (ours, anchor, ours, ...) after one warm-up of each.
 Reported: the median seconds per update, samples/s (rollouts processed per second of update,
 all their timesteps included) and transitions/s (= samples/s x steps); on CUDA also the peak
-memory allocated (``torch.cuda.max_memory_allocated``) during the updates.
+memory allocated (``torch.cuda.max_memory_allocated``) during each side's updates. Model FLOPs:
+one minibatch's loss piece (one timestep, forward and backward) counted by ``FlopCounterMode``,
+times the pieces of an update; divided by the median time, and on a GPU of
+``harness.PEAK_BF16_FLOPS`` by its bf16 peak (MFU).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --lora [--json out.json]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --full
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --model random:sd15-mid --compare-anchor
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from harness import (
     add_common_flags,
+    count_flops,
     describe_machine,
+    flops_report,
+    format_flops,
     load_average,
     median,
     print_machine,
     print_table,
     resolve_dtype,
+    resolve_model,
     timed,
     write_json,
 )
 
 from align_gen.config import RunConfig, from_dict
+from align_gen.kernels import ddim_step_with_logprob
 from align_gen.objectives import build_objective
+from align_gen.objectives.base import Objective
 from align_gen.policies import build_policy
+from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
 from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
+from align_gen.types import Rollout
+
+Tensor = torch.Tensor
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,6 +91,17 @@ def parse_args() -> argparse.Namespace:
         "--train-batch-size", type=int, default=None, help="minibatch (default: --batch-size)"
     )
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument(
+        "--compare-anchor",
+        action="store_true",
+        help="also time the anchor-style update (anchor_update) in the same run; report the ratio",
+    )
+    parser.add_argument(
+        "--anchor-cfg",
+        choices=["two-pass", "batched"],
+        default="two-pass",
+        help="the anchor's CFG: two UNet passes of B rows (default) or one of 2B",
+    )
     return parser.parse_args()
 
 
@@ -84,8 +125,174 @@ def run_config(args: argparse.Namespace, dtype: str) -> RunConfig:
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# The anchor-style update (ddpo-pytorch's train loop, written against our Rollout)
+
+
+def anchor_step_order(
+    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+) -> Tensor:
+    """(B, k) the timestep indices each sample trains on, in order: a random permutation per
+    sample, its first ``ceil(fraction * T)`` kept. The same draws as ``align_gen.objectives.ddpo``
+    (so that, from the same generator state, both visit the same transitions)."""
+    num_train = max(1, math.ceil(num_steps * fraction))
+    order = torch.stack(
+        [torch.randperm(num_steps, generator=generator) for _ in range(num_samples)]
+    )
+    return order[:, :num_train]
+
+
+def anchor_minibatch_backward(
+    policy: DiffusionPolicy,
+    batch: Rollout,
+    order: Tensor,
+    clip_range: float,
+    accelerator: Accelerator,
+    cfg: str = "two-pass",
+) -> list[float]:
+    """Backpropagates DDPO's loss on ``batch`` one timestep at a time, as ddpo-pytorch does:
+    for each column j of ``order`` (B, k), re-score every sample's transition
+    ``trajectory[b, order[b, j]] -> trajectory[b, order[b, j] + 1]`` (latents (B, C, h, w)) with the
+    UNet (CFG as two passes of B rows, or one of 2B), the DDIM kernel's float32 log-prob, PPO's
+    clipped surrogate (mean over B) / k, and ``backward``. Returns the k losses."""
+    unet, dtype, device = policy.forward_model, policy.model_dtype, policy.device
+    scale, eta = policy.sample_config.guidance_scale, policy.sample_config.eta
+    rows = torch.arange(len(batch), device=device)
+    embeds = batch.conditioning["prompt_embeds"].to(dtype)  # (B, L, D)
+    negative = batch.conditioning.get("negative_prompt_embeds")  # (B, L, D) or None (no CFG)
+    losses = []
+    for j in range(order.shape[1]):
+        index = order[:, j].to(device)  # (B,)
+        latents = batch.trajectory[rows, index]  # (B, C, h, w)
+        next_latents = batch.trajectory[rows, index + 1]  # (B, C, h, w)
+        timesteps = batch.timesteps[rows, index]  # (B,)
+        with accelerator.autocast():
+            x = latents.to(dtype)
+            if negative is None:
+                noise_pred = unet(x, timesteps, embeds).sample
+            elif cfg == "two-pass":
+                noise_pred_uncond = unet(x, timesteps, negative.to(dtype)).sample
+                noise_pred_text = unet(x, timesteps, embeds).sample
+                noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
+            else:
+                both = unet(
+                    torch.cat([x, x]),
+                    torch.cat([timesteps, timesteps]),
+                    torch.cat([negative.to(dtype), embeds]),
+                )
+                noise_pred_uncond, noise_pred_text = both.sample.chunk(2)
+                noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
+            # The log-prob in float32 on the full latent, by the same kernel as align-gen's.
+            _, log_prob = ddim_step_with_logprob(
+                policy.scheduler,
+                noise_pred.float(),
+                timesteps,
+                latents,
+                eta=eta,
+                prev_sample=next_latents,
+            )  # (B,)
+        ratio = torch.exp(log_prob - batch.log_probs[rows, index])  # (B,)
+        unclipped = -batch.advantages * ratio  # (B,)
+        clipped = -batch.advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B,)
+        loss = (
+            torch.maximum(unclipped, clipped).mean() / order.shape[1]
+        )  # () gradient accumulated over k
+        accelerator.backward(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def anchor_update(
+    policy: DiffusionPolicy,
+    optimizer: torch.optim.Optimizer,
+    rollouts: Rollout,
+    config: RunConfig,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    cfg: str = "two-pass",
+) -> tuple[dict[str, float], int]:
+    """The anchor's update over ``rollouts``: the same minibatches, step orders (same draws from
+    ``generator`` as ``align_gen.train.update``), gradient clipping and optimizer steps as
+    align-gen's, each minibatch through :func:`anchor_minibatch_backward`. Returns
+    ({"loss": mean piece loss}, optimizer steps), like ``update``."""
+    train, objective = config.train, config.objective
+    if train.gradient_accumulation_steps != 1 or config.sample.samples_per_prompt != 1:
+        raise ValueError(
+            "anchor_update mirrors update() for gradient_accumulation_steps = samples_per_prompt = 1"
+        )
+    parameters = list(policy.trainable_parameters())
+    losses: list[float] = []
+    steps = 0
+    policy.model.train()
+    for _ in range(train.inner_epochs):
+        for minibatch in torch.randperm(len(rollouts), generator=generator).split(train.batch_size):
+            batch = rollouts.select(minibatch)
+            order = anchor_step_order(
+                len(batch), batch.num_steps, objective.timestep_fraction, generator
+            )
+            losses += anchor_minibatch_backward(
+                policy, batch, order, objective.clip_range, accelerator, cfg
+            )
+            accelerator.clip_grad_norm_(parameters, train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    policy.model.eval()
+    return {"loss": sum(losses) / len(losses)}, steps
+
+
+def update_flops(
+    policy: DiffusionPolicy,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    rollouts: Rollout,
+    config: RunConfig,
+    accelerator: Accelerator,
+) -> int:
+    """Model FLOPs of one update: one minibatch's first loss piece (one timestep of each sample,
+    CFG included, forward and backward) counted by FlopCounterMode, times the pieces of an
+    update (every trained timestep of every minibatch, every inner epoch). The gradient it
+    leaves is discarded."""
+    size = min(config.train.batch_size, len(rollouts))
+    batch = rollouts.select(torch.arange(size))
+    generator = torch.Generator().manual_seed(0)
+
+    def one_piece() -> None:
+        with accelerator.autocast():
+            term = next(iter(objective.loss_terms(policy, batch, generator)))
+            accelerator.backward(term.loss)
+
+    piece = count_flops(one_piece)
+    optimizer.zero_grad(set_to_none=True)
+    trained_steps = max(1, math.ceil(rollouts.num_steps * config.objective.timestep_fraction))
+    return round(piece / size * len(rollouts) * trained_steps * config.train.inner_epochs)
+
+
+def time_sides(
+    sides: dict[str, Callable[[], tuple[dict[str, float], int]]], repeats: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float | None], dict[str, int]]:
+    """One warm-up call of each side, then ``repeats`` interleaved rounds. Returns the timed
+    seconds, the peak CUDA GiB allocated during each side's calls (None off CUDA) and each
+    side's optimizer steps per update."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: dict[str, float | None] = {name: None for name in sides}
+    optimizer_steps: dict[str, int] = {}
+    for repeat in range(repeats + 1):  # repeat 0 is the warm-up
+        for name, fn in sides.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, (_, optimizer_steps[name]) = timed(fn, device)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                peaks[name] = max(peaks[name] or 0.0, peak)
+            if repeat:
+                times[name].append(seconds)
+    return times, peaks, optimizer_steps
+
+
 def main() -> None:
     args = parse_args()
+    model_name = resolve_model(args)
     dtype = resolve_dtype(args)
     config = run_config(args, dtype)
 
@@ -99,6 +306,10 @@ def main() -> None:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, device)
+    if args.compare_anchor and not isinstance(policy, DiffusionPolicy):
+        raise SystemExit(
+            f"--compare-anchor needs an SD1.x/2.x UNet model; {model_name!r} is a {type(policy).__name__}"
+        )
     optimizer = build_optimizer(policy, config.train)
     policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
@@ -107,64 +318,114 @@ def main() -> None:
     generator = epoch_generator(config.seed, 0, accelerator.process_index)
     prompts = load_prompts(config.prompts.source)
     sampling_s, rollouts = timed(
-        lambda: collect_rollouts(policy, prompts, config, generator, accelerator), device
+        lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device
     )
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
+    flops = update_flops(policy, objective, optimizer, rollouts, config, accelerator)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def one_update() -> tuple[dict[str, float], int]:
-        return update(policy, objective, optimizer, rollouts, config, generator, accelerator)
-
-    times = []
-    for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
-        seconds, (_, optimizer_steps) = timed(one_update, device)
-        if repeat:
-            times.append(seconds)
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-    seconds = median(times)
-    samples_per_s = len(rollouts) / seconds
+    sides: dict[str, Callable[[], tuple[dict[str, float], int]]] = {
+        "align-gen": lambda: update(
+            policy, objective, optimizer, rollouts, config, generator, accelerator
+        )
+    }
+    if args.compare_anchor:
+        sides["anchor"] = lambda: anchor_update(
+            policy, optimizer, rollouts, config, generator, accelerator, args.anchor_cfg
+        )
+    times, peaks, optimizer_steps = time_sides(sides, args.repeats, device)
     mode = "lora" if args.lora else "full"
     print(
-        f"\nmodel={args.model} dtype={dtype} mode={mode} trainable={trainable:,}/{total:,} UNet params "
+        f"\nmodel={model_name} dtype={dtype} mode={mode} trainable={trainable:,}/{total:,} denoiser params "
         f"rollouts={len(rollouts)} steps={args.steps} minibatch={config.train.batch_size} "
-        f"guidance={args.guidance_scale} mixed_precision={args.mixed_precision} "
-        f"repeats={args.repeats} (+1 warm-up)"
+        f"resolution={policy.resolution} guidance={args.guidance_scale} "
+        f"mixed_precision={args.mixed_precision} repeats={args.repeats} (+1 warm-up)"
     )
-    row = {
-        "mode": mode,
-        "median s/update": seconds,
-        "min": min(times),
-        "max": max(times),
-        "samples/s": samples_per_s,
-        "transitions/s": samples_per_s * args.steps,
-        "opt steps": optimizer_steps,
-        "peak GiB": "n/a (cpu)" if peak_gib is None else peak_gib,
-    }
-    print_table(list(row), [list(row.values())])
+    results = report(times, peaks, optimizer_steps, len(rollouts), args.steps, flops, device)
     print(
         f"(sampling the epoch took {sampling_s:.3g} s: {len(rollouts) / sampling_s:.3g} images/s)"
     )
-
+    settings = {
+        **vars(args),
+        "model": model_name,
+        "model_folder": args.model,
+        "json": str(args.json),
+    }
     write_json(
         args.json,
         {
             "benchmark": "ddpo_update",
             "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {**vars(args), "json": str(args.json), "dtype": dtype, "mode": mode},
+            "settings": {**settings, "dtype": dtype, "mode": mode, "resolution": policy.resolution},
             "trainable_parameters": trainable,
+            "denoiser_parameters": total,
             "rollouts": len(rollouts),
-            "seconds": times,
-            "median_seconds": seconds,
-            "samples_per_s": samples_per_s,
-            "transitions_per_s": samples_per_s * args.steps,
-            "optimizer_steps_per_update": optimizer_steps,
-            "peak_memory_gib": peak_gib,
+            "model_flops_per_update": flops,
             "sampling_seconds": sampling_s,
+            **results,
         },
     )
+
+
+def report(
+    times: dict[str, list[float]],
+    peaks: dict[str, float | None],
+    optimizer_steps: dict[str, int],
+    rollouts: int,
+    steps: int,
+    flops: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Prints the table (one row per side), the FLOPs / MFU lines and the anchor ratio; returns
+    the numbers for the JSON file."""
+    rows, results = [], {}
+    for name, values in times.items():
+        seconds = median(values)
+        flop_numbers = flops_report(flops, seconds, device)
+        results[name] = {
+            "seconds": values,
+            "median_seconds": seconds,
+            "samples_per_s": rollouts / seconds,
+            "transitions_per_s": rollouts * steps / seconds,
+            "optimizer_steps_per_update": optimizer_steps[name],
+            "peak_memory_gib": peaks[name],
+            **flop_numbers,
+        }
+        peak = peaks[name]
+        rows.append(
+            [
+                name,
+                seconds,
+                min(values),
+                max(values),
+                rollouts / seconds,
+                rollouts * steps / seconds,
+                optimizer_steps[name],
+                "n/a (cpu)" if peak is None else peak,
+            ]
+        )
+    header = [
+        "",
+        "median s/update",
+        "min",
+        "max",
+        "samples/s",
+        "transitions/s",
+        "opt steps",
+        "peak GiB",
+    ]
+    print_table(header, rows)
+    for name, numbers in results.items():
+        achieved = flops_report(flops, numbers["median_seconds"], device)
+        print(format_flops(f"{name} update", flops, achieved, device))
+    if "anchor" in times:
+        ratio = results["align-gen"]["samples_per_s"] / results["anchor"]["samples_per_s"]
+        paired = median([a / o for o, a in zip(times["align-gen"], times["anchor"], strict=True)])
+        print(
+            f"\nspeed-up align-gen / anchor (samples/s) = {ratio:.3f}; median of per-pair ratios = {paired:.3f}"
+        )
+        results["ratio_ours_over_anchor"] = ratio
+        results["median_pair_ratio"] = paired
+    return results
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What both benchmarks share: their common flags, a synchronised timer, and a machine description.
+"""What the benchmarks share: their common flags, a synchronised timer, the machine description,
+and the model-FLOPs / MFU estimate.
 
 Not a library module: the scripts next to this file import it as ``harness`` (run them as
 ``python benchmarks/<script>.py``, which puts this folder on ``sys.path``).
@@ -27,7 +28,11 @@ def add_common_flags(
 ) -> None:
     """The flags every benchmark takes; the defaults given are the ones of the CPU tiny run."""
     parser.add_argument(
-        "--model", default="align-gen:tiny-random-sd", help="built-in name, hub id or folder"
+        "--model",
+        default="align-gen:tiny-random-sd",
+        type=model_argument,
+        help="built-in name, hub id, folder, or a random full-size architecture "
+        "(random:sd15, random:sd15-mid, ...: see benchmarks/full_size.py)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -49,6 +54,36 @@ def add_common_flags(
     parser.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="also write the numbers here"
     )
+
+
+# Folders built for ``random:`` names during this process -> the names as given.
+RANDOM_MODEL_NAMES: dict[str, str] = {}
+
+
+def model_argument(name: str) -> str:
+    """``--model``'s type: a ``random:...`` name becomes its folder (built once, see
+    full_size.py), so every script that uses :func:`add_common_flags` accepts them; any other
+    name is returned unchanged."""
+    import full_size
+
+    try:
+        folder = full_size.resolve(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if folder != name:
+        RANDOM_MODEL_NAMES[folder] = name
+    return folder
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """Makes ``args.model`` a loadable name (resolving a ``random:...`` name that a script's own
+    ``--model`` flag left as given) and returns the name as the user gave it, for the reports."""
+    if args.model.startswith("random:"):
+        try:
+            args.model = model_argument(args.model)
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"--model: {error}") from None
+    return RANDOM_MODEL_NAMES.get(args.model, args.model)
 
 
 def resolve_dtype(args: argparse.Namespace) -> str:
@@ -151,7 +186,9 @@ def save_line_plot(
     for label, (xs, ys) in series.items():
         axis.plot(xs, ys, marker="o", markersize=3, label=label)
     if target is not None:
-        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4g}")
+        axis.axhline(
+            target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4g}"
+        )
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.set_title(title, fontsize=9)
@@ -162,3 +199,55 @@ def save_line_plot(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"wrote {path}")
+
+
+# Dense bf16 / fp16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's datasheets; matched
+# in order against torch.cuda.get_device_name (the first substring found wins).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s from :data:`PEAK_BF16_FLOPS`; None off CUDA or for a GPU
+    not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matrix products, convolutions and attention that ``fn()`` runs (forward and,
+    if ``fn`` calls backward, backward), counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (a multiply-add counts 2). Elementwise ops are not counted, as in every MFU convention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def flops_report(flops: float, seconds: float, device: torch.device) -> dict[str, float | None]:
+    """{"tflops": achieved model TFLOP/s, "mfu": achieved / the GPU's bf16 peak, or None}, for
+    ``flops`` model FLOPs done in ``seconds``."""
+    achieved = flops / seconds
+    peak = peak_flops(device)
+    return {"tflops": achieved / 1e12, "mfu": None if peak is None else achieved / peak}
+
+
+def format_flops(
+    label: str, flops: float, report: dict[str, float | None], device: torch.device
+) -> str:
+    """One line: the model FLOPs, the achieved TFLOP/s and the MFU (or why there is none)."""
+    if report["mfu"] is not None:
+        mfu_text = f"{100 * report['mfu']:.1f}% of the bf16 peak"
+    elif device.type != "cuda":
+        mfu_text = f"n/a ({device.type})"
+    else:
+        mfu_text = "n/a (GPU not in harness.PEAK_BF16_FLOPS)"
+    return f"{label}: {flops / 1e12:.4g} TFLOP, {report['tflops']:.4g} TFLOP/s achieved, MFU {mfu_text}"

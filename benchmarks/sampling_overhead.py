@@ -16,7 +16,16 @@ machine noise hits both alike), each call under ``torch.inference_mode`` and tim
 ratio = images/s plain / images/s ours (= median time ours / median time plain);
 overhead = ratio - 1, target <= 10%.
 
+Model FLOPs per batch (prompt encoding + ``--steps`` guided denoiser passes + VAE decoding,
+each counted once by ``FlopCounterMode`` at the benchmark's shapes) are divided by each side's
+median time; on a GPU of ``harness.PEAK_BF16_FLOPS`` also by its bf16 peak (MFU).
+
+``--model`` takes the random full-size architectures of ``full_size.py`` (``random:sd15``,
+``random:sd15-mid``, ...; SD1.x-family pipelines only: the plain side is a
+``StableDiffusionPipeline`` call).
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling_overhead.py [--json out.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling_overhead.py --model random:sd15-mid
 """
 
 from __future__ import annotations
@@ -27,18 +36,23 @@ import torch
 from diffusers import DDIMScheduler
 from harness import (
     add_common_flags,
+    count_flops,
     describe_machine,
+    flops_report,
+    format_flops,
     load_average,
     median,
     print_machine,
     print_table,
     resolve_dtype,
+    resolve_model,
     timed,
     write_json,
 )
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.policies import build_policy
+from align_gen.policies.diffusion import DiffusionPolicy, SDXLPolicy
 from align_gen.prompts import load_prompts
 
 
@@ -53,8 +67,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def sampling_flops(policy: DiffusionPolicy, prompts: list[str], steps: int) -> int:
+    """Model FLOPs of one sampling call on ``prompts``: the prompt encoding, ``steps`` times one
+    guided denoiser pass (2B rows with CFG) at the sampling shape, and one VAE decode (each
+    counted once; the passes of a call all have the same shape)."""
+    with torch.inference_mode():
+        encode = count_flops(lambda: policy.encode_prompts(prompts))
+        conditioning, latents = policy._start_sampling(
+            prompts, None, torch.Generator().manual_seed(0)
+        )
+        t = policy.scheduler.timesteps[:1].expand(len(prompts)).to(policy.device)
+        denoise = count_flops(lambda: policy._denoise(latents, t, conditioning))
+        decode = count_flops(lambda: policy.decode(latents))
+    return encode + steps * denoise + decode
+
+
 def main() -> None:
     args = parse_args()
+    model_name = resolve_model(args)
     device = torch.device(args.device)
     dtype = resolve_dtype(args)
     machine = describe_machine(device)
@@ -69,6 +99,11 @@ def main() -> None:
     policy = build_policy(
         ModelConfig(pretrained=args.model, dtype=dtype), sample_config, device, trainable=False
     )
+    if not isinstance(policy, DiffusionPolicy) or isinstance(policy, SDXLPolicy):
+        raise SystemExit(
+            f"--model {model_name!r} is a {type(policy).__name__}; this benchmark compares against "
+            "StableDiffusionPipeline (SD1.x/2.x models: align-gen:tiny-random-sd, random:sd15, ...)"
+        )
     pipeline = policy.pipeline  # the same object, hence the same weights and modules
     pipeline.scheduler = DDIMScheduler.from_config(policy.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -104,13 +139,14 @@ def main() -> None:
             if repeat:
                 times[name].append(seconds)
     max_diff = float((images["ours"].float() - images["plain"].float()).abs().max())
+    flops = sampling_flops(policy, prompts, args.steps)
 
     med = {name: median(values) for name, values in times.items()}
     images_per_s = {name: args.batch_size / seconds for name, seconds in med.items()}
     ratio = med["ours"] / med["plain"]
     paired = median([a / b for a, b in zip(times["ours"], times["plain"], strict=True)])
     print(
-        f"\nmodel={args.model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
+        f"\nmodel={model_name} dtype={dtype} batch={args.batch_size} steps={args.steps} "
         f"guidance={args.guidance_scale} eta={args.eta} resolution={policy.resolution} "
         f"repeats={args.repeats} (+1 warm-up), interleaved"
     )
@@ -129,6 +165,9 @@ def main() -> None:
         f"extra time per DDIM step      = {1e3 * (med['ours'] - med['plain']) / args.steps:+.2f} ms"
     )
     print(f"max |image ours - plain|      = {max_diff:.2e} (same seed: both draw the same noise)")
+    achieved = {name: flops_report(flops, med[name], device) for name in med}
+    for name in med:
+        print(format_flops(f"{name} sampling", flops, achieved[name], device))
 
     write_json(
         args.json,
@@ -137,6 +176,8 @@ def main() -> None:
             "machine": {**machine, "load_avg_1min_end": load_average()},
             "settings": {
                 **vars(args),
+                "model": model_name,
+                "model_folder": args.model,
                 "json": str(args.json),
                 "dtype": dtype,
                 "resolution": policy.resolution,
@@ -148,6 +189,8 @@ def main() -> None:
             "median_pair_ratio": paired,
             "overhead_percent": 100 * (ratio - 1),
             "max_image_difference": max_diff,
+            "model_flops_per_batch": flops,
+            "flops": achieved,
         },
     )
 

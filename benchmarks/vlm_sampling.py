@@ -41,7 +41,14 @@ side of the images given to the processor (default: the policy's own choice).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vlm_sampling.py [--size mid] [--json OUT]
 
-On a GPU, full size (hub reachable, or the model in the local cache):
+``--model random:qwen2vl-2b`` (or ``-mid``, ``-tiny``) is Qwen2-VL-2B's architecture with random
+weights and a word-level tokenizer, built offline by ``full_size.py`` (448 px images, 256 image
+tokens at full size). On a GPU, with no hub:
+
+    python benchmarks/vlm_sampling.py --model random:qwen2vl-2b --device cuda --dtype bfloat16 \\
+        --batch-size 8 --max-new-tokens 64 --json out/vlm_sampling_random_qwen2vl2b.json
+
+On a GPU, the real model (hub reachable, or the model in the local cache):
 
     python benchmarks/vlm_sampling.py --model Qwen/Qwen2-VL-2B-Instruct --device cuda \\
         --dtype bfloat16 --batch-size 8 --max-new-tokens 64 --json out/vlm_sampling_qwen2vl2b.json
@@ -63,6 +70,7 @@ from harness import (
     print_machine,
     print_table,
     resolve_dtype,
+    resolve_model,
     timed,
     write_json,
 )
@@ -103,7 +111,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id or folder of an image-text-to-text model (default: the --size model)",
+        help="hub id, folder or random:qwen2vl-2b[-mid] of an image-text-to-text model "
+        "(default: the --size model)",
     )
     parser.add_argument(
         "--size",
@@ -198,6 +207,7 @@ def same_tokens(ours: torch.Tensor, generated: torch.Tensor, eos_token_ids: Sequ
 
 def main() -> None:
     args = parse_args()
+    model_name = resolve_model(args)
     device = torch.device(args.device)
     dtype = resolve_dtype(args)
     machine = {**describe_machine(device), "transformers": transformers.__version__}
@@ -216,7 +226,7 @@ def main() -> None:
             ModelConfig(pretrained=args.model, dtype=dtype), sample_config, device, trainable=False
         )
     if not isinstance(policy, VLMPolicy):
-        raise SystemExit(f"--model {args.model!r} is not a vision-language model")
+        raise SystemExit(f"--model {model_name!r} is not a vision-language model")
     model = policy.model  # the same object for both sides
     parameters = sum(p.numel() for p in model.parameters())
     all_prompts: list[VisualPrompt] = load_prompts(args.prompts, visual=True)
@@ -270,7 +280,7 @@ def main() -> None:
     )
     extra_ms = 1e3 * (med["ours"] - med["plain"])
     print(
-        f"\nmodel={args.model} ({parameters:,} params) dtype={dtype} batch={args.batch_size} "
+        f"\nmodel={model_name} ({parameters:,} params) dtype={dtype} batch={args.batch_size} "
         f"max_new_tokens={args.max_new_tokens} temperature={args.temperature} "
         f"resolution={policy.resolution} prompt_tokens={prompt_tokens} "
         f"repeats={args.repeats} (+1 warm-up), interleaved"
@@ -305,6 +315,8 @@ def main() -> None:
             "machine": {**machine, "load_avg_1min_end": load_average()},
             "settings": {
                 **vars(args),
+                "model": model_name,
+                "model_folder": args.model,
                 "json": str(args.json),
                 "dtype": dtype,
                 "resolution": policy.resolution,
