@@ -1,4 +1,5 @@
-"""The ``align-gen`` command: ``train``, ``sample``, ``evaluate``, ``train-reward`` and ``world build``.
+"""The ``align-gen`` command: ``train``, ``sample``, ``evaluate``, ``make-pairs``, ``train-reward`` and
+``world build``.
 
 Errors caused by input (a bad config key, a missing file, an unknown reward, a NaN reward) are
 printed as one line on stderr with exit status 2, never as a traceback.
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from align_gen.errors import AlignGenError
+from align_gen.train_reward_cli import add_train_reward_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("sample", "render a labelled grid of samples (prompts x seeds)"),
         ("evaluate", "score samples with reward models (one model, or two compared on the same prompts and seeds)"),
+        ("make-pairs", "preference pairs of a model's samples judged by a reward (SePPO winners, train-reward --pairs)"),
     ):
         command = commands.add_parser(name, help=helptext)
         command.add_argument(
@@ -56,7 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
             help="prompt file (.txt, .jsonl), builtin:NAME or hf:<dataset id>[@split][#column]; for a VLM an "
             "(image, prompt) dataset (folder or .jsonl)",
         )
-        command.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sample per prompt per seed")
+        if name != "make-pairs":
+            command.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sample per prompt per seed")
         command.add_argument("--steps", type=int, default=50, help="denoising steps")
         command.add_argument("--guidance-scale", type=float, default=5.0)
         command.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
@@ -67,8 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.choices["sample"].add_argument("--out", default="grid.png", help="output PNG")
     commands.choices["sample"].set_defaults(handler=_sample)
     _add_evaluate_options(commands.choices["evaluate"])
+    _add_make_pairs_options(commands.choices["make-pairs"])
 
-    _add_train_reward_parser(commands)
+    add_train_reward_parser(commands)
 
     world = commands.add_parser("world", help="the tiny offline world: build (train) its models")
     world_commands = world.add_subparsers(dest="world_command", required=True)
@@ -82,17 +87,31 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_reward_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--reward", action="append", default=[], help="reward name (repeatable)")
+    command.add_argument(
+        "--reward-weights", nargs="+", metavar="NAME=W", default=[], help="one weighted-sum reward, 'weighted'"
+    )
+    command.add_argument(
+        "--reward-option", action="append", default=[], help="NAME.option=value, e.g. clip_score.pretrained=/ckpt.pt"
+    )
+
+
+def _add_make_pairs_options(command: argparse.ArgumentParser) -> None:
+    _add_reward_options(command)
+    command.add_argument("--candidates", type=int, default=4, help="samples per prompt; the best and worst make the pair")
+    command.add_argument("--seed", type=int, default=0, help="seeds the one generator that draws every sample")
+    command.add_argument("--num-prompts", type=int, default=0, help="prompts spread over the list (0 = all)")
+    command.add_argument("--batch-size", type=int, default=8, help="prompts sampled together (x candidates images)")
+    command.add_argument("--out", default="pairs", help="output folder: pairs.jsonl and images/")
+    command.set_defaults(handler=_make_pairs)
+
+
 def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model A (or give it first)")
     evaluate.add_argument("--compare", metavar="MODEL", help="a model B sampled with the same prompts and seeds")
     evaluate.add_argument("--compare-lora", help="LoRA weights for --compare")
-    evaluate.add_argument("--reward", action="append", default=[], help="reward name (repeatable)")
-    evaluate.add_argument(
-        "--reward-weights", nargs="+", metavar="NAME=W", default=[], help="one weighted-sum reward, 'weighted'"
-    )
-    evaluate.add_argument(
-        "--reward-option", action="append", default=[], help="NAME.option=value, e.g. clip_score.pretrained=/ckpt.pt"
-    )
+    _add_reward_options(evaluate)
     evaluate.add_argument("--num-prompts", type=int, default=0, help="prompts spread over the list (0 = all)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--grid-prompts", type=int, default=8, help="prompts in the sample grid (up to 4 seeds)")
@@ -103,35 +122,6 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
         help="output folder (scores, summary, CSV, report, grid); a path ending in .json writes the summary only",
     )
     evaluate.set_defaults(handler=_evaluate, seeds=[0, 1, 2])
-
-
-def _add_train_reward_parser(commands) -> None:
-    """``align-gen train-reward``: the options default to None so that the handler can tell
-    which were given (world-only and file-only options are errors with the other source)."""
-    command = commands.add_parser(
-        "train-reward", help="train a Bradley-Terry preference head on CLIP features (the 'preference' reward)"
-    )
-    source = command.add_mutually_exclusive_group(required=True)
-    source.add_argument("--world", action="store_true", help="the tiny world's synthetic pairs (larger, more centred shapes)")
-    source.add_argument(
-        "--pairs", metavar="JSONL", help='pairs file: {"prompt", "chosen", "rejected"} lines, image paths relative to it'
-    )
-    command.add_argument(
-        "--clip", help="transformers CLIP folder or hub id (default: the world's, align_gen/world/weights/clip)"
-    )
-    command.add_argument("--out", default="outputs/preference", help="output folder: the head and metrics.json")
-    command.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
-    command.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    command.add_argument("--batch-size", type=int, help="pairs per step (default 256)")
-    command.add_argument("--seed", type=int, help="seeds the pairs (world) or the split (--pairs), and the head (default 0)")
-    command.add_argument("--features", choices=["image", "image+text"], help="what the head reads (default image+text)")
-    command.add_argument("--hidden-size", type=int, help="MLP hidden width; 0 = linear head (default 64)")
-    command.add_argument("--train-pairs", type=int, help="--world: training pairs (default 8000)")
-    command.add_argument("--heldout-pairs", type=int, help="--world: held-out pairs from held-out captions (default 1000)")
-    command.add_argument("--margin", type=float, help="--world: least utility gap of a pair (default 0.05)")
-    command.add_argument("--heldout-fraction", type=float, help="--pairs: fraction of prompts held out (default 0.1)")
-    command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    command.set_defaults(handler=_train_reward)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -292,6 +282,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_pairs(args: argparse.Namespace) -> int:
+    """Samples ``--candidates`` images per prompt, judges them with the one reward given, and
+    writes the best and the worst of each prompt as a pair (:mod:`align_gen.pairs`)."""
+    from align_gen.evaluation import select_prompts
+    from align_gen.pairs import make_pairs, summarise_pairs
+    from align_gen.prompts import load_prompts
+
+    _check_sampling_args(args)
+    if args.num_prompts < 0:
+        raise AlignGenError(f"--num-prompts must be >= 0, got {args.num_prompts}.")
+    judges = _evaluation_rewards(args)
+    if len(judges) != 1:
+        raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(judges)}.")
+    policy = _load_policy(args)
+    prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
+    (judge,) = judges.values()
+    path = make_pairs(policy, judge, prompts, args.out, candidates=args.candidates, seed=args.seed,
+                      prompts_per_batch=args.batch_size)
+    summary = summarise_pairs(path)
+    print(f"pairs          {summary['pairs']} ({args.candidates} candidates per prompt, judge {next(iter(judges))})")
+    print(f"judge's score  chosen {summary['chosen_mean']:.4f}  rejected {summary['rejected_mean']:.4f}  "
+          f"all candidates {summary['candidates_mean']:.4f}")
+    print(f"wrote {path}")
+    print(f"SePPO winners  prompts.source={path}")
+    print(f"preference     align-gen train-reward --pairs {path}")
+    return 0
+
+
 def _evaluation_model(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Model A (the positional MODEL, --model, or the --run folder's final model) and the --run
     folder, checked before anything is sampled."""
@@ -336,55 +354,6 @@ def _evaluation_rewards(args: argparse.Namespace) -> dict:
     if weights:
         rewards["weighted"] = build_reward(weights, {name: options[name] for name in weights if name in options})
     return rewards
-
-
-def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
-    """{field: value} of the options in ``names`` ({option dest: field}) that were given."""
-    return {field: getattr(args, dest) for dest, field in names.items() if getattr(args, dest) is not None}
-
-
-def _train_reward(args: argparse.Namespace) -> int:
-    from align_gen.errors import ConfigError
-    from align_gen.world.preference import WORLD_CLIP, PreferenceTrainConfig, train_world_preference
-    from reward_models.preference_training import (
-        METRICS_FILE,
-        HeadTrainConfig,
-        load_pair_file,
-        split_by_prompt,
-        train_preference_reward,
-    )
-
-    head_options = {"steps": "steps", "lr": "learning_rate", "batch_size": "batch_size", "seed": "seed",
-                    "features": "features", "hidden_size": "hidden_size"}
-    world_options = {"train_pairs": "train_pairs", "heldout_pairs": "heldout_pairs", "margin": "margin", "seed": "seed"}
-    head = HeadTrainConfig(**_given(args, head_options))
-    clip, out = args.clip or str(WORLD_CLIP), Path(args.out)
-    if args.world:
-        if args.heldout_fraction is not None:
-            raise ConfigError("--heldout-fraction splits a --pairs file; with --world give --heldout-pairs")
-        world = PreferenceTrainConfig(head=head, **_given(args, world_options))
-        train_world_preference(out, world, clip, args.device)
-    else:
-        stray = [f"--{dest.replace('_', '-')}" for dest in world_options if dest != "seed" and getattr(args, dest) is not None]
-        if stray:
-            raise ConfigError(f"{', '.join(stray)}: options of --world; a --pairs file is split by --heldout-fraction")
-        fraction = 0.1 if args.heldout_fraction is None else args.heldout_fraction
-        train, heldout = split_by_prompt(load_pair_file(Path(args.pairs)), fraction, head.seed)
-        extra = {"pairs_file": args.pairs, "heldout_fraction": fraction}
-        train_preference_reward(train, heldout, clip, out, head, args.device, extra=extra)
-    metrics = json.loads((out / METRICS_FILE).read_text())
-    pairs, accuracy, baseline = metrics["pairs"], metrics["accuracy"], metrics["clip_score_accuracy"]
-
-    def percent(value: float | None) -> str:
-        return "   n/a" if value is None else f"{100 * value:5.1f}%"
-
-    print(f"pairs               train {pairs['train']:>6}  held-out {pairs['heldout']:>6}")
-    print(f"head accuracy       train {percent(accuracy['train'])}  held-out {percent(accuracy['heldout'])}")
-    print(f"clip score accuracy train {percent(baseline['train'])}  held-out {percent(baseline['heldout'])}")
-    print(f"seconds             {metrics['seconds']['total']:.1f} (CLIP features {metrics['seconds']['encode']:.1f})")
-    print(f"reward              reward.options.preference.model={out}")
-    print(f"metrics             {out / METRICS_FILE}")
-    return 0
 
 
 def _world_build(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from align_gen.image_datasets import to_uint8_pixels
+
 MIN_CELL = 128  # tiny-model images are upscaled (nearest) to stay readable
 
 
@@ -33,7 +35,7 @@ def render_grid(images: torch.Tensor, labels: Sequence[str], columns: int) -> Im
     rows = -(-count // columns)
     canvas = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), "white")
     draw = ImageDraw.Draw(canvas)
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8_pixels(images)  # (N, H, W, 3)
     for index in range(count):
         x = (index % columns) * cell_w
         y = (index // columns) * (cell_h + caption_h)

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import torch
 from PIL import Image
 
 from align_gen.errors import ConfigError
+from align_gen.image_datasets import to_uint8_pixels
 from reward_models.registry import BatchedReward, register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B,) float32 JPEG sizes in kB (1 kB = 1000 bytes)."""
-    pixels = (images.detach() * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
-    pixels_hwc = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     sizes = []
-    for array in pixels_hwc:
+    for array in to_uint8_pixels(images):  # (H, W, 3) each
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)
     return torch.tensor(sizes, dtype=torch.float32)
 
