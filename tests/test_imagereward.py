@@ -8,6 +8,8 @@ scores come from the package's own ``ImageReward.score`` on PIL images.
 The package is an optional extra (image-reward 1.5 imports helpers that transformers removed in
 4.56 and the undeclared OpenAI ``clip`` module), so the tests that run the model skip when it
 does not import; the missing-weights and missing-package errors are tested everywhere.
+``make test-imagereward`` (run by CI) builds a second environment with the extra and runs them
+there, with ALIGN_GEN_REQUIRE_IMAGEREWARD=1 turning that skip into a failure.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from reward_models.imagereward import REWARD_MEAN, REWARD_STD, ImageRewardScore
 
 PROMPTS = ["a red circle", "a blue square on a table", "a green triangle"]
 WORDS = "a red blue green circle square triangle on table the of cat dog".split()
+REQUIRE_PACKAGE = "ALIGN_GEN_REQUIRE_IMAGEREWARD"
 VISION = {"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 2}
 
 
@@ -101,6 +105,8 @@ def tiny_files(folder: Path) -> tuple[dict[str, Path], nn.Module]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], nn.Module]:
     if package() is None:
+        if os.environ.get(REQUIRE_PACKAGE) == "1":  # `make test-imagereward` sets it: no silent skip
+            pytest.fail(f"{REQUIRE_PACKAGE}=1 but the image-reward package does not import")
         pytest.skip(
             "the image-reward package does not import (pip install 'align-gen[imagereward]')"
         )
