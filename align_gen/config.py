@@ -89,6 +89,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step
     inner_epochs: int = 1  # passes over each epoch's rollouts
     max_grad_norm: float = 1.0  # anchor: 1.0
+    # Diffusion policies: denoising steps of each sample re-scored in one forward pass (k * B
+    # rows, CFG doubling them) by DDPO, REBEL and the KL monitor. Same loss and gradient for any
+    # k (float rounding aside); larger k = fewer, larger forwards (faster on a GPU) and about k
+    # times the activation memory of a piece. Anchor / default: 1.
+    steps_per_forward: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast mode
 
 
@@ -209,7 +214,9 @@ class RunConfig:
             raise ConfigError(
                 f"sample.top_p must be in (0, 1] and sample.top_k >= 0 (0 = off); got {self.sample.top_p}, {self.sample.top_k}."
             )
-        _check_positive(self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm"], "train")
+        _check_positive(
+            self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm", "steps_per_forward"], "train"
+        )
         if not self.sample.noise_level >= 0:
             raise ConfigError(f"sample.noise_level must be >= 0 (0 = the ODE), got {self.sample.noise_level!r}.")
         if self.sample.batch_size % self.sample.samples_per_prompt:

@@ -28,9 +28,11 @@ class Policy(Protocol):
     resolution: int  # side in pixels of the images the policy generates (or takes, for a VLM)
     # True for a VLM: its prompts are VisualPrompts (an image and a question).
     takes_images: bool
-    # True when step_log_prob costs one forward pass however many steps it scores (a VLM's
-    # teacher-forced pass); objectives then score all steps at once instead of one at a time.
-    scores_all_steps_at_once: bool
+    # Steps an objective re-scores per piece (one step_log_prob call, one backward): None = all of
+    # them at once, for a policy whose one forward pass scores every step (a VLM's teacher-forced
+    # pass); k for a diffusion policy, whose step_log_prob runs k steps of each sample as one
+    # denoiser forward of k * B rows (train.steps_per_forward; 1 = one step per forward).
+    steps_per_forward: int | None
 
     def sample(
         self,

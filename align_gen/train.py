@@ -77,6 +77,8 @@ def train(config: RunConfig) -> TrainResult:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, accelerator.device)
+    if policy.steps_per_forward is not None:  # None: one pass already scores every step (a VLM)
+        policy.steps_per_forward = config.train.steps_per_forward
     prompts = load_prompts(config.prompts.source, visual=policy.takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, policy)
     evaluation_prompts = _evaluation_prompts(config, policy)

@@ -92,6 +92,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument(
+        "--steps-per-forward",
+        type=int,
+        default=1,
+        help="align-gen's train.steps_per_forward: denoising steps re-scored per UNet forward",
+    )
+    parser.add_argument(
         "--compare-anchor",
         action="store_true",
         help="also time the anchor-style update (anchor_update) in the same run; report the ratio",
@@ -119,7 +125,11 @@ def run_config(args: argparse.Namespace, dtype: str) -> RunConfig:
                 "batch_size": args.batch_size,
                 "num_batches_per_epoch": args.num_batches,
             },
-            "train": {"batch_size": args.train_batch_size, "mixed_precision": args.mixed_precision},
+            "train": {
+                "batch_size": args.train_batch_size,
+                "mixed_precision": args.mixed_precision,
+                "steps_per_forward": args.steps_per_forward,
+            },
             "objective": {"name": "ddpo"},
         },
     )
@@ -306,6 +316,7 @@ def main() -> None:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, device)
+    policy.steps_per_forward = config.train.steps_per_forward  # as align_gen.train.train sets it
     if args.compare_anchor and not isinstance(policy, DiffusionPolicy):
         raise SystemExit(
             f"--compare-anchor needs an SD1.x/2.x UNet model; {model_name!r} is a {type(policy).__name__}"

@@ -69,7 +69,7 @@ def test_one_update_moves_the_trajectory_log_prob_with_the_advantage(sign: float
 
 def test_timestep_fraction_limits_the_steps_trained() -> None:
     class CountingPolicy:
-        scores_all_steps_at_once = False  # a diffusion policy: one pass per step
+        steps_per_forward = 1  # a diffusion policy: one pass per step
 
         def __init__(self) -> None:
             self.calls = 0

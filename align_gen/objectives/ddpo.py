@@ -94,9 +94,13 @@ class DDPO(Objective):
         # forward pass mixes timesteps and the update is not biased toward any step.
         order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])
         order = order[:, :num_train].to(batch.log_probs.device)  # (B, num_train)
-        # One step per piece (a denoiser pass each), or all at once when the policy scores them
-        # in one pass (a VLM's tokens: the loss is then the mean over all valid tokens).
-        chunk = num_train if policy.scores_all_steps_at_once else 1
+        # policy.steps_per_forward steps per piece (one denoiser forward of k * B rows each), or
+        # all at once when one pass scores them all (a VLM's tokens: the loss is then the mean
+        # over all valid tokens). The pieces' losses add up to the same loss for any k.
+        chunk = policy.steps_per_forward or num_train
+        # Each piece's mean is weighted by its share of the trainable (unmasked) transitions, so
+        # the pieces sum to the mean over all of them whatever the chunking.
+        trainable = batch.step_mask.gather(1, order).sum().clamp(min=1)  # ()
         for start in range(0, num_train, chunk):
             steps = order[:, start : start + chunk]  # (B, c)
             log_prob = policy.step_log_prob(batch, steps)  # (B, c)
@@ -106,4 +110,4 @@ class DDPO(Objective):
             loss, metrics = ddpo_loss(
                 log_prob.flatten(), old_log_prob.flatten(), advantages.flatten(), self.config.clip_range, mask.flatten()
             )
-            yield LossOutput(loss * steps.shape[1] / num_train, {"loss": float(loss.detach()), **metrics})
+            yield LossOutput(loss * mask.sum() / trainable, {"loss": float(loss.detach()), **metrics})

@@ -120,9 +120,9 @@ class Rebel(Objective):
         weight = (2 * residual / (self.config.eta * residual.numel())).repeat_interleave(2)  # (B,)
         weight[1::2] *= -1
 
-        # Pass 2: one piece per step (all steps in one piece when the policy scores them in one
-        # pass, as a VLM does); each piece's gradient is its steps' share of the exact gradient.
-        chunk = batch.num_steps if policy.scores_all_steps_at_once else 1
+        # Pass 2: policy.steps_per_forward steps per piece (all in one piece when one pass scores
+        # them all, as a VLM's does); each piece's gradient is its steps' share of the exact gradient.
+        chunk = policy.steps_per_forward or batch.num_steps
         for start in range(0, batch.num_steps, chunk):
             steps = all_steps[start : start + chunk]  # (c,)
             step_log_probs = policy.step_log_prob(batch, steps)  # (B, c)

@@ -51,7 +51,7 @@ class DenoiserPolicy(TrainableWeights):
     # The conditioning tensors one forward pass takes; CFG also needs "negative_" + each of them.
     conditioning_keys: tuple[str, ...] = ("prompt_embeds",)
     takes_images = False  # text-to-image: prompts are strings
-    scores_all_steps_at_once = False  # one denoiser pass per re-scored step
+    steps_per_forward: int | None = 1  # re-scored steps per denoiser forward (train.steps_per_forward)
 
     # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
     lora_layers_argument = "unet_lora_layers"
@@ -236,21 +236,31 @@ class DenoiserPolicy(TrainableWeights):
 
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, k) float32 log-probs of the stored transitions at ``steps`` ((k,) or (B, k) step
-        indices), WITH grad, through the same guidance and kernel as sampling."""
+        indices), WITH grad, through the same guidance and kernel as sampling. Every
+        :attr:`steps_per_forward` columns run as one denoiser forward (their rows stacked
+        column-major: c * B rows, each row's conditioning repeated)."""
         steps = torch.as_tensor(steps, device=self.device)
         batch = len(rollout)
         if steps.dim() == 1:
             steps = steps.expand(batch, -1)
-        rows = torch.arange(batch, device=self.device)
-        columns = []
-        for j in range(steps.shape[1]):
-            index = steps[:, j]
-            latents = rollout.trajectory[rows, index]
-            timesteps = rollout.timesteps[rows, index]
-            model_output = self._denoise(latents, timesteps, rollout.conditioning)
-            prev_latents = rollout.trajectory[rows, index + 1]
-            columns.append(self._transition(model_output, latents, index, timesteps, prev_latents)[1])
-        return torch.stack(columns, dim=1)
+        chunk = self.steps_per_forward or steps.shape[1]
+        pieces = [self._log_prob_of_columns(rollout, part) for part in steps.split(chunk, dim=1)]
+        return torch.cat(pieces, dim=1)
+
+    def _log_prob_of_columns(self, rollout: Rollout, steps: Tensor) -> Tensor:
+        """(B, c) log-probs of the transitions at ``steps`` (B, c), in one denoiser forward."""
+        batch, columns = steps.shape
+        rows = torch.arange(batch, device=self.device).repeat(columns)  # (c * B,) column-major
+        index = steps.t().reshape(-1)  # (c * B,)
+        latents = rollout.trajectory[rows, index]  # (c * B, C, h, w)
+        timesteps = rollout.timesteps[rows, index]  # (c * B,)
+        conditioning = rollout.conditioning
+        if columns > 1:
+            conditioning = {key: value.repeat(columns, *[1] * (value.dim() - 1)) for key, value in conditioning.items()}
+        model_output = self._denoise(latents, timesteps, conditioning)
+        prev_latents = rollout.trajectory[rows, index + 1]
+        log_prob = self._transition(model_output, latents, index, timesteps, prev_latents)[1]  # (c * B,)
+        return log_prob.view(columns, batch).t()
 
     def noise_level(self, timesteps: Tensor) -> Tensor:
         """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (for a DDPM schedule the

@@ -97,7 +97,7 @@ class VLMPolicy(TrainableWeights):
     """A transformers vision-language model as a :class:`~align_gen.policy.Policy`."""
 
     takes_images = True
-    scores_all_steps_at_once = True  # one teacher-forced pass scores every token
+    steps_per_forward = None  # one teacher-forced pass scores every token
 
     def __init__(
         self,
