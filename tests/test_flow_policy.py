@@ -175,3 +175,14 @@ def test_one_ddpo_update_moves_the_trajectory_log_prob_with_the_advantage(sign: 
         after = (policy.step_log_prob(rollout, torch.arange(3)) * mask).sum(dim=1)
     change = after - (rollout.log_probs * mask).sum(dim=1)
     assert (sign * change > 0).all(), change
+
+
+def test_a_saved_sd3_folder_without_t5_loads_back(tmp_path) -> None:
+    """SD3 saved with text_encoder_3=None (model_index.json: [null, null]) loads through
+    build_policy: diffusers needs the absent components passed as None."""
+    pipeline = build_tiny_random_sd3()
+    assert pipeline.text_encoder_3 is None
+    pipeline.save_pretrained(tmp_path)
+    policy = build_policy(ModelConfig(pretrained=str(tmp_path)), SampleConfig(num_steps=2), "cpu", trainable=False)
+    assert isinstance(policy, FlowPolicy)
+    assert policy.sample(["a red circle"], generator=torch.Generator().manual_seed(0)).images.shape[0] == 1

@@ -345,6 +345,26 @@ BUILTIN_MODELS = {
 }
 
 
+def _diffusers_dtype_keyword() -> str:
+    """from_pretrained's dtype keyword: ``dtype`` in diffusers releases that deprecate
+    ``torch_dtype`` (they resolve the two in ``deprecation_utils._resolve_dtype``), else
+    ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _absent_components(pretrained: str) -> dict[str, None]:
+    """``{name: None}`` for the components a local folder's model_index.json saved as absent
+    (``[null, null]``, e.g. an SD3 folder without its T5 encoder): diffusers then needs them
+    passed as None explicitly."""
+    index = Path(pretrained).expanduser() / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {name: None for name, value in entries.items() if isinstance(value, list) and value[:2] == [None, None]}
+
+
 def load_pipeline(
     pretrained: str,
     *,
@@ -379,7 +399,8 @@ def load_pipeline(
             pretrained,
             revision=revision,
             variant=variant,
-            torch_dtype=dtype,
+            **{_diffusers_dtype_keyword(): dtype},
+            **_absent_components(pretrained),
             safety_checker=None,
             requires_safety_checker=False,
         )
