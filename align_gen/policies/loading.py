@@ -400,8 +400,7 @@ def load_pipeline(
             revision=revision,
             variant=variant,
             **{_diffusers_dtype_keyword(): dtype},
-            **_absent_components(pretrained),
-            safety_checker=None,
+            **{**_absent_components(pretrained), "safety_checker": None},
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
