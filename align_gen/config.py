@@ -49,6 +49,14 @@ class ModelConfig:
     dtype: Dtype = "float32"  # dtype of the frozen weights; trainable weights stay float32
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the `gpu` extra and CUDA
     gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
+    # Diffusion policies: the denoiser's weights in channels_last memory format (faster
+    # convolutions with tensor cores on a GPU; a UNet's, a transformer has few convolutions).
+    channels_last: bool = False
+    # torch.compile the forward pass (sampling and training; LoRA included). The first passes of
+    # every new batch shape pay the compilation (minutes at full size). compile_backend "eager"
+    # traces without compiling (checks the wiring fast).
+    compile: bool = False
+    compile_backend: str = "inductor"
     train_vision_tower: bool = False  # VLM only: also adapt (LoRA) or train (full) the vision encoder
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 

@@ -110,6 +110,8 @@ def train(config: RunConfig) -> TrainResult:
         start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
         accelerator.print(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
     policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    if config.model.compile:  # around accelerate's wrapper: the trainer's every forward goes through it
+        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
 
     log = MetricsLog(
         output_dir, redo_from=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process

@@ -145,6 +145,8 @@ class DenoiserPolicy(TrainableWeights):
                     f"model.attention=xformers is not available ({error}); install the `gpu` "
                     "extra (pip install 'align-gen[gpu]') or set model.attention=sdpa."
                 ) from None
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if not trainable:
             self.model.requires_grad_(False).eval()
             self._reference_weights = None

@@ -140,6 +140,8 @@ class VLMPolicy(TrainableWeights):
 
     def _configure_model(self, trainable: bool) -> None:
         config = self.model_config
+        if config.channels_last:
+            raise ConfigError("model.channels_last applies to a diffusion model's denoiser; a VLM has no image convolutions to speed up.")
         self._reference_weights = None
         if not trainable:
             self.model.requires_grad_(False).eval()

@@ -1,0 +1,183 @@
+"""Each performance switch against the defaults, in the same process: sampling and DDPO update.
+
+What is measured: for every switch asked for (``--switches``), two trainers are built as
+``align_gen.train.train`` builds them (policy, AdamW, ``accelerator.prepare``, the compile step):
+the BASELINE (the run's defaults) and the VARIANT (the baseline plus the switch's config
+overrides, e.g. ``model.channels_last=true``). The baseline samples one epoch of rollouts with
+random advantages; both then alternate, ``--repeats`` times after one warm-up each (the warm-up
+absorbs torch.compile's compilation): one sampling batch (``policy.sample``) and one DDPO update
+(``update``) over those rollouts. Reported per switch: the median seconds of each side, the
+speed-up baseline / variant of the medians and the median of the per-pair ratios (robust to a
+loaded machine), and on CUDA the peak memory of each side's update.
+
+Switches (``SWITCHES``): ``channels_last``, ``compile`` (torch.compile, inductor),
+``steps_per_forward`` (``train.steps_per_forward=--k``), ``gradient_checkpointing``.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/switches.py --model random:sd15-mid --switches channels_last steps_per_forward
+    python benchmarks/switches.py --model random:sd15 --device cuda --dtype bfloat16 --mixed-precision bf16 --batch-size 8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+import torch
+from accelerate import Accelerator
+from harness import (
+    add_common_flags,
+    describe_machine,
+    load_average,
+    median,
+    print_machine,
+    print_table,
+    resolve_dtype,
+    resolve_model,
+    timed,
+    write_json,
+)
+
+from align_gen.config import RunConfig, apply_override, from_dict
+from align_gen.objectives import build_objective
+from align_gen.policies import build_policy
+from align_gen.prompts import load_prompts
+from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
+
+
+def switch_overrides(k: int) -> dict[str, list[str]]:
+    """{switch name: the config overrides that turn it on}."""
+    return {
+        "channels_last": ["model.channels_last=true"],
+        "compile": ["model.compile=true"],
+        "steps_per_forward": [f"train.steps_per_forward={k}"],
+        "gradient_checkpointing": ["model.gradient_checkpointing=true"],
+    }
+
+
+SWITCHES = tuple(switch_overrides(1))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser, batch_size=4, steps=10, repeats=3)
+    parser.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=SWITCHES)
+    parser.add_argument("--k", type=int, default=5, help="steps_per_forward's K")
+    parser.add_argument("--num-batches", type=int, default=2, help="sampling batches of the epoch updated on")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    return parser.parse_args()
+
+
+def base_config(args: argparse.Namespace, dtype: str) -> dict:
+    """The baseline run (DDPO, LoRA, anchor defaults elsewhere) as a config dict."""
+    return {
+        "seed": args.seed,
+        "model": {"pretrained": args.model, "dtype": dtype},
+        "sample": {
+            "num_steps": args.steps,
+            "eta": args.eta,
+            "guidance_scale": args.guidance_scale,
+            "batch_size": args.batch_size,
+            "num_batches_per_epoch": args.num_batches,
+        },
+        "train": {"mixed_precision": args.mixed_precision},
+        "objective": {"name": "ddpo"},
+    }
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What one side needs to sample and update, built as align_gen.train.train builds it."""
+
+    config: RunConfig
+    policy: object
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+
+
+def build_trainer(raw: dict, overrides: list[str], device: str) -> Trainer:
+    for override in overrides:
+        apply_override(raw, override)
+    config = from_dict(RunConfig, raw)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=device == "cpu")
+    torch.manual_seed(config.seed)  # the same LoRA initialisation on both sides
+    policy = build_policy(config.model, config.sample, accelerator.device)
+    policy.steps_per_forward = config.train.steps_per_forward
+    optimizer = build_optimizer(policy, config.train)
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    if config.model.compile:
+        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    return Trainer(config, policy, optimizer, accelerator)
+
+
+def time_side(side: Trainer, objective, rollouts, prompts: list, repeat: int, device: torch.device):
+    """(seconds of one sampling batch, seconds of one DDPO update, peak GiB on CUDA or None)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sample_s, _ = timed(lambda: side.policy.sample(prompts, generator=torch.Generator().manual_seed(repeat)), device)
+    generator = torch.Generator().manual_seed(repeat)
+    update_s, _ = timed(
+        lambda: update(side.policy, objective, side.optimizer, rollouts, side.config, generator, side.accelerator), device
+    )
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return sample_s, update_s, peak
+
+
+def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str]) -> dict:
+    """Alternating sampling and update timings of the baseline and the variant."""
+    import copy
+
+    sides = {"baseline": build_trainer(copy.deepcopy(raw), [], args.device),
+             "variant": build_trainer(copy.deepcopy(raw), overrides, args.device)}
+    device = sides["baseline"].accelerator.device
+    objective = build_objective(sides["baseline"].config.objective)
+    prompts = load_prompts(sides["baseline"].config.prompts.source)
+    base = sides["baseline"]
+    generator = epoch_generator(args.seed, 0, 0)
+    rollouts = collect_rollouts(base.policy, objective, prompts, base.config, generator, base.accelerator)
+    rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
+    batch_prompts = prompts[: args.batch_size]
+    times = {name: {"sample": [], "update": [], "peak_gib": None} for name in sides}
+    for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and compilation)
+        for name, side in sides.items():
+            sample_s, update_s, peak = time_side(side, objective, rollouts, batch_prompts, repeat, device)
+            if repeat:
+                times[name]["sample"].append(sample_s)
+                times[name]["update"].append(update_s)
+            times[name]["peak_gib"] = peak
+    result = {"overrides": overrides, "times": times}
+    for kind in ("sample", "update"):
+        base_t, var_t = times["baseline"][kind], times["variant"][kind]
+        result[f"{kind}_speedup"] = median(base_t) / median(var_t)
+        result[f"{kind}_per_pair"] = statistics.median(b / v for b, v in zip(base_t, var_t, strict=True))
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    shown_model = resolve_model(args)
+    dtype = resolve_dtype(args)
+    machine = describe_machine(torch.device(args.device))
+    print_machine(machine)
+    raw = base_config(args, dtype)
+    overrides = switch_overrides(args.k)
+    results = {name: measure_pair(args, raw, overrides[name]) for name in args.switches}
+    print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
+          f"epoch={args.batch_size * args.num_batches} rollouts, repeats={args.repeats} (+1 warm-up)")
+    header = ["switch", "sample s base", "sample s var", "sample x", "per-pair", "update s base", "update s var",
+              "update x", "per-pair", "peak GiB base / var"]
+    rows = []
+    for name, result in results.items():
+        t = result["times"]
+        peak = "n/a (cpu)" if t["baseline"]["peak_gib"] is None else f"{t['baseline']['peak_gib']:.2f} / {t['variant']['peak_gib']:.2f}"
+        rows.append([name, median(t["baseline"]["sample"]), median(t["variant"]["sample"]), result["sample_speedup"],
+                     result["sample_per_pair"], median(t["baseline"]["update"]), median(t["variant"]["update"]),
+                     result["update_speedup"], result["update_per_pair"], peak])
+    print_table(header, rows)
+    write_json(args.json, {"benchmark": "switches", "machine": {**machine, "load_avg_1min_end": load_average()},
+                           "settings": {**vars(args), "json": str(args.json), "model": shown_model, "dtype": dtype},
+                           "results": results})
+
+
+if __name__ == "__main__":
+    main()

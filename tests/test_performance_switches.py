@@ -1,0 +1,64 @@
+"""The performance switches change how the denoiser runs, never what it computes:
+``model.channels_last`` and ``model.compile`` (torch.compile; the "eager" backend traces the
+graph through dynamo without inductor's minutes of compilation, so the wiring is checked fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_gen.config import ModelConfig, SampleConfig, load_config
+from align_gen.errors import ConfigError
+from align_gen.policies import build_policy
+from align_gen.tracking import read_metrics
+from align_gen.train import train
+
+PROMPTS = ["a red circle", "a blue square"]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_channels_last_reproduces_the_log_probs_of_the_default_layout() -> None:
+    sample = SampleConfig(num_steps=3, guidance_scale=2.0, batch_size=2)
+    plain = build_policy(ModelConfig(pretrained="align-gen:tiny-random-sd"), sample, "cpu")
+    rollout = plain.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    fast = build_policy(ModelConfig(pretrained="align-gen:tiny-random-sd", channels_last=True), sample, "cpu")
+    weight = next(p for p in fast.model.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    again = fast.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(again.log_probs, rollout.log_probs, atol=1e-5)
+    assert torch.allclose(fast.step_log_prob(rollout, torch.arange(3)), rollout.log_probs, atol=1e-5)
+
+
+def test_channels_last_is_refused_for_a_vlm() -> None:
+    with pytest.raises(ConfigError, match="channels_last"):
+        build_policy(ModelConfig(pretrained="align-gen:tiny-random-llava", channels_last=True), SampleConfig(), "cpu")
+
+
+def test_a_compiled_run_trains_and_matches_the_uncompiled_one(tmp_path: Path, tiny_train_overrides) -> None:
+    def run(name: str, *extra: str):
+        config = load_config(None, [*tiny_train_overrides, "seed=3", f"output_dir={tmp_path / name}", *extra])
+        return read_metrics(train(config).metrics)[0]
+
+    torch._dynamo.reset()
+    compiled = run("compiled", "model.compile=true", "model.compile_backend=eager")
+    plain = run("plain")
+    assert compiled["reward_mean"] == pytest.approx(plain["reward_mean"], abs=1e-6)
+    assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_the_switches_benchmark_times_both_sides() -> None:
+    """benchmarks/switches.py on the tiny model: one timed pair per side, ratios reported."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import switches
+
+    args = argparse.Namespace(model="align-gen:tiny-random-sd", device="cpu", steps=2, eta=1.0, guidance_scale=2.0,
+                              batch_size=2, num_batches=1, repeats=1, seed=0, mixed_precision="no")
+    result = switches.measure_pair(args, switches.base_config(args, "float32"), ["train.steps_per_forward=2"])
+    for side in ("baseline", "variant"):
+        assert len(result["times"][side]["update"]) == 1 and result["times"][side]["update"][0] > 0
+    assert result["update_speedup"] > 0 and result["sample_per_pair"] > 0
