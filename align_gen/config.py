@@ -89,6 +89,9 @@ class TrainConfig:
     """The optimiser and the update schedule."""
 
     learning_rate: float = 3e-4  # AdamW (anchor: 3e-4 with LoRA)
+    # adamw: torch.optim.AdamW (anchor); adamw_8bit: bitsandbytes' AdamW8bit, moments in 8 bits
+    # (about 1/4 of the optimizer state's memory: what matters for full fine-tuning).
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-4  # anchor: 1e-4

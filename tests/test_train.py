@@ -56,9 +56,12 @@ def test_a_run_writes_metrics_grids_checkpoints_and_a_final_model(tmp_path: Path
     assert (result.output_dir / "config.yaml").is_file()
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    # Per-prompt advantages (their buffers are part of the checkpoint) and CFG on.
-    settings = ["save_every=2", "advantage.kind=per_prompt", "advantage.min_count=2", "sample.guidance_scale=2.0"]
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, optimizer: str) -> None:
+    # Per-prompt advantages (their buffers are part of the checkpoint) and CFG on; the 8-bit
+    # AdamW's quantised moments (bitsandbytes, on the CPU here) must round-trip too.
+    settings = ["save_every=2", "advantage.kind=per_prompt", "advantage.min_count=2", "sample.guidance_scale=2.0",
+                f"train.optimizer={optimizer}"]
     straight = run(tmp_path / "straight", "epochs=4", *settings)
     run(tmp_path / "resumed", "epochs=2", *settings)
     resumed = run(tmp_path / "resumed", "epochs=4", "resume=latest", *settings)
@@ -68,6 +71,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+    state = torch.load(list_checkpoints(resumed.output_dir)[-1] / "optimizer.pt", weights_only=True)["state"]
+    # bitsandbytes keeps its quantised moments in one packed entry per parameter.
+    moments = {
+        value.dtype
+        for entry in state.values()
+        for value in [*entry.values(), *entry.get("__bnb_optimizer_quant_state__", {}).values()]
+        if torch.is_tensor(value) and value.dim() > 0
+    }
+    assert (torch.uint8 in moments) == (optimizer == "adamw_8bit"), moments
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
