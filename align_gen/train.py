@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from align_gen.config import RunConfig, TrainConfig, save_config
+from align_gen.config import RunConfig, save_config
 from align_gen.errors import ConfigError, RewardError
 from align_gen.evaluation import paired_change, score_samples, select_prompts
 from align_gen.monitors import Monitors
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
+from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
@@ -221,28 +222,6 @@ def train(config: RunConfig) -> TrainResult:
             side_by_side([Image.open(first_grid), Image.open(grids[-1])], ["before", "after"]).save(before_after)
     accelerator.wait_for_everyone()
     return _result(output_dir, final_model, curve, grids, before_after)
-
-
-def build_optimizer(policy: Policy, train_config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the policy's trainable parameters, as ``train:`` configures it: torch's, or
-    bitsandbytes' 8-bit AdamW (``train.optimizer: adamw_8bit``: moments stored in 8 bits, blockwise
-    quantised, about a quarter of AdamW's state memory; the update is otherwise AdamW's)."""
-    optimizer_class = torch.optim.AdamW
-    if train_config.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError(
-                "train.optimizer=adamw_8bit needs bitsandbytes: pip install 'align-gen[gpu]' (or bitsandbytes)"
-            ) from None
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    return optimizer_class(
-        list(policy.trainable_parameters()),
-        lr=train_config.learning_rate,
-        betas=(train_config.adam_beta1, train_config.adam_beta2),
-        weight_decay=train_config.weight_decay,
-        eps=train_config.adam_epsilon,
-    )
 
 
 def collect_rollouts(

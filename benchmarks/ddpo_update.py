@@ -65,10 +65,11 @@ from align_gen.config import RunConfig, from_dict
 from align_gen.kernels import ddim_step_with_logprob
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
+from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
-from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
+from align_gen.train import collect_rollouts, epoch_generator, update
 from align_gen.types import Rollout
 
 Tensor = torch.Tensor

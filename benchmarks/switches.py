@@ -41,9 +41,10 @@ from harness import (
 
 from align_gen.config import RunConfig, apply_override, from_dict
 from align_gen.objectives import build_objective
+from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.prompts import load_prompts
-from align_gen.train import build_optimizer, collect_rollouts, epoch_generator, update
+from align_gen.train import collect_rollouts, epoch_generator, update
 
 
 def switch_overrides(k: int) -> dict[str, list[str]]:
