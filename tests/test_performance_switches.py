@@ -62,3 +62,20 @@ def test_the_switches_benchmark_times_both_sides() -> None:
     for side in ("baseline", "variant"):
         assert len(result["times"][side]["update"]) == 1 and result["times"][side]["update"][0] > 0
     assert result["update_speedup"] > 0 and result["sample_per_pair"] > 0
+
+
+def test_the_objective_benchmark_measures_every_objective() -> None:
+    """benchmarks/objective_update.py on the tiny model: each objective samples (SePPO from its
+    reference model) and updates; the numbers are positive and the rollouts counted."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import objective_update
+
+    args = argparse.Namespace(model="align-gen:tiny-random-sd", device="cpu", steps=2, eta=1.0, guidance_scale=2.0,
+                              batch_size=2, num_batches=1, repeats=1, seed=0, mixed_precision="no",
+                              seppo_winners=str(objective_update.SEPPO_WINNERS))
+    for name in objective_update.OBJECTIVES:
+        result = objective_update.measure(args, name, "float32")
+        assert result["rollouts"] == 2 and result["median_update_seconds"] > 0 and result["sampling_seconds"] > 0

@@ -1,0 +1,140 @@
+"""Every objective's epoch cost on one model: sampling (SePPO's from its reference model), update
+throughput and peak memory.
+
+What is measured: for each objective of ``--objectives``, a trainer built as
+``align_gen.train.train`` builds it (``objective.setup`` included: AWM's EMA copy, SePPO's
+reference ring and winner dataset) samples one epoch with ``collect_rollouts`` (the objective's own
+sampler: SePPO draws x_ref from a reference model) and the epoch's rollouts get random rewards and
+advantages (the reward does not change the cost of an update); then ``update`` runs over them,
+once to warm up and ``--repeats`` times timed. Reported per objective: sampling seconds of the
+epoch, median update seconds, samples/s of the update (rollouts per second of update), samples/s
+of the whole epoch (sampling + update) and, on CUDA, the peak memory allocated during the
+updates. All objectives use the same model, LoRA, sampler and minibatch; REBEL's pairs and AWM's
+groups come from ``sample.samples_per_prompt = 2``.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objective_update.py --model random:sd15-mid
+    python benchmarks/objective_update.py --model random:sd15 --device cuda --dtype bfloat16 --mixed-precision bf16 --batch-size 8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from harness import (
+    add_common_flags,
+    describe_machine,
+    load_average,
+    median,
+    print_machine,
+    print_table,
+    resolve_dtype,
+    resolve_model,
+    timed,
+    write_json,
+)
+
+from align_gen.config import RunConfig, from_dict
+from align_gen.objectives import build_objective
+from align_gen.optimizers import build_optimizer
+from align_gen.policies import build_policy
+from align_gen.prompts import load_prompts
+from align_gen.train import collect_rollouts, epoch_generator, update
+
+OBJECTIVES = ("ddpo", "rebel", "awm", "seppo")
+SEPPO_WINNERS = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "data" / "shapes"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser, batch_size=4, steps=10, repeats=2)
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--num-batches", type=int, default=2, help="sampling batches per epoch")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--seppo-winners", default=str(SEPPO_WINNERS), help="SePPO's (prompt, image) dataset")
+    return parser.parse_args()
+
+
+def run_config(args: argparse.Namespace, objective: str, dtype: str) -> RunConfig:
+    """One objective's run with the shared settings (each objective's own defaults otherwise)."""
+    prompts = args.seppo_winners if objective == "seppo" else "builtin:simple_animals"
+    return from_dict(
+        RunConfig,
+        {
+            "seed": args.seed,
+            "model": {"pretrained": args.model, "dtype": dtype},
+            "sample": {
+                "num_steps": args.steps,
+                "eta": args.eta,
+                "guidance_scale": args.guidance_scale,
+                "batch_size": args.batch_size,
+                "num_batches_per_epoch": args.num_batches,
+                "samples_per_prompt": 2,
+            },
+            "train": {"mixed_precision": args.mixed_precision},
+            "objective": {"name": objective},
+            "prompts": {"source": prompts},
+        },
+    )
+
+
+def measure(args: argparse.Namespace, name: str, dtype: str) -> dict:
+    """Sampling seconds, update seconds and peak memory of one objective's epoch."""
+    config = run_config(args, name, dtype)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=args.device == "cpu")
+    device = accelerator.device
+    objective = build_objective(config.objective)
+    objective.check(config)
+    torch.manual_seed(config.seed)
+    policy = build_policy(config.model, config.sample, device)
+    optimizer = build_optimizer(policy, config.train)
+    objective.setup(policy, config)
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    generator = epoch_generator(config.seed, 0, accelerator.process_index)
+    prompts = load_prompts(config.prompts.source)
+    sampling_s, rollouts = timed(lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device)
+    rollouts.rewards = torch.randn(len(rollouts), generator=generator).to(device)
+    rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and AdamW's state)
+        seconds, _ = timed(lambda: update(policy, objective, optimizer, rollouts, config, generator, accelerator), device)
+        if repeat:
+            times.append(seconds)
+    update_s = median(times)
+    return {
+        "objective": name,
+        "rollouts": len(rollouts),
+        "sampling_seconds": sampling_s,
+        "update_seconds": times,
+        "median_update_seconds": update_s,
+        "update_samples_per_s": len(rollouts) / update_s,
+        "epoch_samples_per_s": len(rollouts) / (sampling_s + update_s),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    shown_model = resolve_model(args)
+    dtype = resolve_dtype(args)
+    machine = describe_machine(torch.device(args.device))
+    print_machine(machine)
+    results = [measure(args, name, dtype) for name in args.objectives]
+    print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} x {args.num_batches} steps={args.steps} "
+          f"guidance={args.guidance_scale} repeats={args.repeats} (+1 warm-up)")
+    header = ["objective", "sampling s", "update s", "update samples/s", "epoch samples/s", "peak GiB"]
+    rows = [[r["objective"], r["sampling_seconds"], r["median_update_seconds"], r["update_samples_per_s"],
+             r["epoch_samples_per_s"], "n/a (cpu)" if r["peak_memory_gib"] is None else r["peak_memory_gib"]]
+            for r in results]
+    print_table(header, rows)
+    write_json(args.json, {"benchmark": "objective_update", "machine": {**machine, "load_avg_1min_end": load_average()},
+                           "settings": {**vars(args), "json": str(args.json), "model": shown_model, "dtype": dtype},
+                           "results": results})
+
+
+if __name__ == "__main__":
+    main()
