@@ -21,8 +21,8 @@ Names (``--model`` of the benchmark scripts; resolved here, never in the library
                          tokenizer): they run once per prompt batch, never per denoising step
                          and never in an update (the rollout stores the embeddings), so the
                          transformer dominates the cost, and it still sees the real 333 text
-                         tokens (77 CLIP + 256 T5) of width 4096. (A T5 is included because
-                         the library's loader cannot load an SD3 folder without one.)
+                         tokens (77 CLIP + 256 T5) of width 4096. (A T5 is included so the
+                         folder has the real model's layout; a folder without one loads too.)
   ``random:qwen2vl-2b``  Qwen2-VL-2B: the 28-layer, width-1536 language model (GQA 12/2 heads,
                          M-RoPE, 151,936-token embedding tied to the LM head) and the 32-layer,
                          width-1280 vision transformer (14 px patches, 2x2 merge), ~2.2B params;
