@@ -57,6 +57,10 @@ class ModelConfig:
     # traces without compiling (checks the wiring fast).
     compile: bool = False
     compile_backend: str = "inductor"
+    # Diffusion policies: keep the frozen VAE and text encoders on the CPU and move them to the
+    # device only while they run (prompt encoding, decoding): frees their accelerator memory
+    # (SD3's T5-XXL: ~9 GB in bf16) for a PCIe transfer per use.
+    offload_frozen: bool = False
     train_vision_tower: bool = False  # VLM only: also adapt (LoRA) or train (full) the vision encoder
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 

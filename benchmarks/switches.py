@@ -12,7 +12,8 @@ loaded machine), and on CUDA the peak memory of each side's update.
 
 Switches (``SWITCHES``): ``channels_last``, ``compile`` (torch.compile, inductor),
 ``steps_per_forward`` (``train.steps_per_forward=--k``), ``gradient_checkpointing``,
-``adamw_8bit`` (bitsandbytes' 8-bit AdamW: its gain is memory, in the peak column on CUDA).
+``adamw_8bit`` (bitsandbytes' 8-bit AdamW: its gain is memory, in the peak column on CUDA),
+``offload_frozen`` (VAE and text encoders on the CPU between uses: memory, for transfer time).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/switches.py --model random:sd15-mid --switches channels_last steps_per_forward
     python benchmarks/switches.py --model random:sd15 --device cuda --dtype bfloat16 --mixed-precision bf16 --batch-size 8 --steps 50
@@ -55,6 +56,7 @@ def switch_overrides(k: int) -> dict[str, list[str]]:
         "steps_per_forward": [f"train.steps_per_forward={k}"],
         "gradient_checkpointing": ["model.gradient_checkpointing=true"],
         "adamw_8bit": ["train.optimizer=adamw_8bit"],
+        "offload_frozen": ["model.offload_frozen=true"],
     }
 
 

@@ -1,5 +1,5 @@
-"""The performance switches change how the denoiser runs, never what it computes:
-``model.channels_last`` and ``model.compile`` (torch.compile; the "eager" backend traces the
+"""The performance switches change how the model runs, never what it computes:
+``model.channels_last``, ``model.offload_frozen`` and ``model.compile`` (torch.compile; the "eager" backend traces the
 graph through dynamo without inductor's minutes of compilation, so the wiring is checked fast)."""
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def test_channels_last_reproduces_the_log_probs_of_the_default_layout() -> None:
     assert torch.allclose(fast.step_log_prob(rollout, torch.arange(3)), rollout.log_probs, atol=1e-5)
 
 
-def test_channels_last_is_refused_for_a_vlm() -> None:
-    with pytest.raises(ConfigError, match="channels_last"):
-        build_policy(ModelConfig(pretrained="align-gen:tiny-random-llava", channels_last=True), SampleConfig(), "cpu")
+@pytest.mark.parametrize("switch", ["channels_last", "offload_frozen"])
+def test_diffusion_only_switches_are_refused_for_a_vlm(switch: str) -> None:
+    with pytest.raises(ConfigError, match=switch):
+        build_policy(ModelConfig(pretrained="align-gen:tiny-random-llava", **{switch: True}), SampleConfig(), "cpu")
 
 
 def test_a_compiled_run_trains_and_matches_the_uncompiled_one(tmp_path: Path, tiny_train_overrides) -> None:
@@ -79,3 +80,21 @@ def test_the_objective_benchmark_measures_every_objective() -> None:
     for name in objective_update.OBJECTIVES:
         result = objective_update.measure(args, name, "float32")
         assert result["rollouts"] == 2 and result["median_update_seconds"] > 0 and result["sampling_seconds"] > 0
+
+
+@pytest.mark.parametrize("family", ["tiny-random-sd", "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"])
+def test_offloading_the_frozen_modules_changes_nothing_but_where_they_live(family: str) -> None:
+    """model.offload_frozen keeps the VAE and text encoders on the CPU between uses; on this CPU
+    machine the moves are no-ops, so this checks the wiring: every path that runs them
+    (prompt encoding, decoding, encoding dataset images) gives the same numbers."""
+    sample = SampleConfig(num_steps=2, guidance_scale=2.0, batch_size=2)
+    torch.manual_seed(0)
+    plain = build_policy(ModelConfig(pretrained=f"align-gen:{family}"), sample, "cpu")
+    torch.manual_seed(0)
+    offloaded = build_policy(ModelConfig(pretrained=f"align-gen:{family}", offload_frozen=True), sample, "cpu")
+    rollouts = [policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0)) for policy in (plain, offloaded)]
+    assert torch.equal(rollouts[0].images, rollouts[1].images)
+    assert torch.equal(rollouts[0].log_probs, rollouts[1].log_probs)
+    assert torch.equal(plain.encode_samples(rollouts[0].images), offloaded.encode_samples(rollouts[0].images))
+    for module in (offloaded.vae, *offloaded._text_encoders):
+        assert next(module.parameters()).device.type == "cpu"

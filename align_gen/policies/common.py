@@ -10,7 +10,8 @@ transition kernel of one step, and the matching loss's noising and target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -175,7 +176,9 @@ class DenoiserPolicy(TrainableWeights):
         shape = (len(prompts), self.vae.config.latent_channels, side, side)
         noise_device = generator.device if generator is not None else self.device
         latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
-        return self.encode_prompts(prompts), latents
+        with self._frozen_on_device(self._text_encoders):
+            conditioning = self.encode_prompts(prompts)
+        return conditioning, latents
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -184,8 +187,31 @@ class DenoiserPolicy(TrainableWeights):
         # SD3's VAE latents are shifted as well as scaled; SD1.x/2.x's have no shift_factor.
         shift = getattr(config, "shift_factor", None) or 0.0
         scaled = latents.to(self.vae.dtype) / config.scaling_factor + shift
-        images = self.vae.decode(scaled).sample.float()
+        with self._frozen_on_device([self.vae]):
+            images = self.vae.decode(scaled).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
+
+    def _place_frozen(self, text_encoders: Sequence[torch.nn.Module]) -> None:
+        """Puts the VAE and ``text_encoders`` on the device, or with ``model.offload_frozen`` on
+        the CPU, from where :meth:`_frozen_on_device` brings them in only while they run."""
+        self._text_encoders = list(text_encoders)
+        home = torch.device("cpu") if self.model_config.offload_frozen else self.device
+        for module in (self.vae, *self._text_encoders):
+            module.to(home)
+
+    @contextlib.contextmanager
+    def _frozen_on_device(self, modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """Within: ``modules`` on the device (a no-op unless ``model.offload_frozen``)."""
+        if not self.model_config.offload_frozen:
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     # ----------------------------------------------------------------------------------------
     # guidance and re-scoring
@@ -336,7 +362,8 @@ class DenoiserPolicy(TrainableWeights):
             )
         config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
-        posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        with self._frozen_on_device([self.vae]):
+            posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         return ((posterior.mean.float() - shift) * config.scaling_factor).contiguous()
 
     # ----------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ class FlowPolicy(DenoiserPolicy):
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
             if (encoder := getattr(pipeline, name, None)) is not None
         ]
-        for module in (self.transformer, self.vae, *self.text_encoders):
-            module.to(self.device)
+        self.transformer.to(self.device)
+        self._place_frozen(self.text_encoders)
         self._configure_model(trainable)
         # Read once (ModelMixin.dtype walks every submodule): the frozen weights' dtype, or
         # float32 when every weight is trained (trainable weights are always float32).

@@ -140,8 +140,11 @@ class VLMPolicy(TrainableWeights):
 
     def _configure_model(self, trainable: bool) -> None:
         config = self.model_config
-        if config.channels_last:
-            raise ConfigError("model.channels_last applies to a diffusion model's denoiser; a VLM has no image convolutions to speed up.")
+        if config.channels_last or config.offload_frozen:
+            raise ConfigError(
+                "model.channels_last and model.offload_frozen apply to diffusion models (their denoiser; their VAE and "
+                "text encoders); a VLM has neither to move or speed up."
+            )
         self._reference_weights = None
         if not trainable:
             self.model.requires_grad_(False).eval()
