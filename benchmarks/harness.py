@@ -251,3 +251,29 @@ def format_flops(
     else:
         mfu_text = "n/a (GPU not in harness.PEAK_BF16_FLOPS)"
     return f"{label}: {flops / 1e12:.4g} TFLOP, {report['tflops']:.4g} TFLOP/s achieved, MFU {mfu_text}"
+
+
+def build_like_train(config, device: str):
+    """(accelerator, policy, objective, optimizer) built in the order ``align_gen.train.train``
+    builds them: objective checked, policy with ``train.steps_per_forward``, AdamW (or 8-bit),
+    ``objective.setup``, ``accelerator.prepare``, and ``torch.compile`` when the config asks. The
+    LoRA initialisation is seeded from ``config.seed``, so two builds start from the same weights."""
+    from accelerate import Accelerator
+
+    from align_gen.objectives import build_objective
+    from align_gen.optimizers import build_optimizer
+    from align_gen.policies import build_policy
+
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=device == "cpu")
+    objective = build_objective(config.objective)
+    objective.check(config)
+    torch.manual_seed(config.seed)
+    policy = build_policy(config.model, config.sample, accelerator.device)
+    if policy.steps_per_forward is not None:
+        policy.steps_per_forward = config.train.steps_per_forward
+    optimizer = build_optimizer(policy, config.train)
+    objective.setup(policy, config)
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    if config.model.compile:
+        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    return accelerator, policy, objective, optimizer

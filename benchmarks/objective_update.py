@@ -22,9 +22,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from harness import (
     add_common_flags,
+    build_like_train,
     describe_machine,
     load_average,
     median,
@@ -37,9 +37,6 @@ from harness import (
 )
 
 from align_gen.config import RunConfig, from_dict
-from align_gen.objectives import build_objective
-from align_gen.optimizers import build_optimizer
-from align_gen.policies import build_policy
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
 
@@ -83,15 +80,8 @@ def run_config(args: argparse.Namespace, objective: str, dtype: str) -> RunConfi
 def measure(args: argparse.Namespace, name: str, dtype: str) -> dict:
     """Sampling seconds, update seconds and peak memory of one objective's epoch."""
     config = run_config(args, name, dtype)
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=args.device == "cpu")
+    accelerator, policy, objective, optimizer = build_like_train(config, args.device)
     device = accelerator.device
-    objective = build_objective(config.objective)
-    objective.check(config)
-    torch.manual_seed(config.seed)
-    policy = build_policy(config.model, config.sample, device)
-    optimizer = build_optimizer(policy, config.train)
-    objective.setup(policy, config)
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
     generator = epoch_generator(config.seed, 0, accelerator.process_index)
     prompts = load_prompts(config.prompts.source)
     sampling_s, rollouts = timed(lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device)

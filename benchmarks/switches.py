@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from harness import (
     add_common_flags,
+    build_like_train,
     describe_machine,
     load_average,
     median,
@@ -42,8 +43,6 @@ from harness import (
 
 from align_gen.config import RunConfig, apply_override, from_dict
 from align_gen.objectives import build_objective
-from align_gen.optimizers import build_optimizer
-from align_gen.policies import build_policy
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
 
@@ -104,14 +103,7 @@ def build_trainer(raw: dict, overrides: list[str], device: str) -> Trainer:
     for override in overrides:
         apply_override(raw, override)
     config = from_dict(RunConfig, raw)
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=device == "cpu")
-    torch.manual_seed(config.seed)  # the same LoRA initialisation on both sides
-    policy = build_policy(config.model, config.sample, accelerator.device)
-    policy.steps_per_forward = config.train.steps_per_forward
-    optimizer = build_optimizer(policy, config.train)
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
-    if config.model.compile:
-        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    accelerator, policy, _, optimizer = build_like_train(config, device)  # seeded: the same LoRA on both sides
     return Trainer(config, policy, optimizer, accelerator)
 
 
