@@ -78,8 +78,6 @@ def train(config: RunConfig) -> TrainResult:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, accelerator.device)
-    if policy.steps_per_forward is not None:  # None: one pass already scores every step (a VLM)
-        policy.steps_per_forward = config.train.steps_per_forward
     prompts = load_prompts(config.prompts.source, visual=policy.takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, policy)
     evaluation_prompts = _evaluation_prompts(config, policy)
@@ -110,9 +108,7 @@ def train(config: RunConfig) -> TrainResult:
         objective.load_state_dict(checkpoint.objective_state)
         start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
         accelerator.print(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
-    if config.model.compile:  # around accelerate's wrapper: the trainer's every forward goes through it
-        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    optimizer = prepare_model(policy, optimizer, config, accelerator)
 
     log = MetricsLog(
         output_dir, redo_from=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
@@ -222,6 +218,21 @@ def train(config: RunConfig) -> TrainResult:
             side_by_side([Image.open(first_grid), Image.open(grids[-1])], ["before", "after"]).save(before_after)
     accelerator.wait_for_everyone()
     return _result(output_dir, final_model, curve, grids, before_after)
+
+
+def prepare_model(
+    policy: Policy, optimizer: torch.optim.Optimizer, config: RunConfig, accelerator: Accelerator
+) -> torch.optim.Optimizer:
+    """Readies the policy's forward passes for training and returns the prepared optimizer:
+    accelerate's wrapper (DDP, FSDP, DeepSpeed) around the model, ``torch.compile`` around that
+    when ``model.compile`` asks (every forward of the trainer goes through it), and
+    ``train.steps_per_forward`` for re-scoring (a VLM keeps None: one pass scores every token)."""
+    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    if config.model.compile:
+        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    if policy.steps_per_forward is not None:
+        policy.steps_per_forward = config.train.steps_per_forward
+    return optimizer
 
 
 def collect_rollouts(

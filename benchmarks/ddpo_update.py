@@ -69,7 +69,7 @@ from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
-from align_gen.train import collect_rollouts, epoch_generator, update
+from align_gen.train import collect_rollouts, epoch_generator, prepare_model, update
 from align_gen.types import Rollout
 
 Tensor = torch.Tensor
@@ -317,13 +317,11 @@ def main() -> None:
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, device)
-    policy.steps_per_forward = config.train.steps_per_forward  # as align_gen.train.train sets it
     if args.compare_anchor and not isinstance(policy, DiffusionPolicy):
         raise SystemExit(
             f"--compare-anchor needs an SD1.x/2.x UNet model; {model_name!r} is a {type(policy).__name__}"
         )
-    optimizer = build_optimizer(policy, config.train)
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    optimizer = prepare_model(policy, build_optimizer(policy, config.train), config, accelerator)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     total = sum(p.numel() for p in policy.model.parameters())
 

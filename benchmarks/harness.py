@@ -255,25 +255,22 @@ def format_flops(
 
 def build_like_train(config, device: str):
     """(accelerator, policy, objective, optimizer) built in the order ``align_gen.train.train``
-    builds them: objective checked, policy with ``train.steps_per_forward``, AdamW (or 8-bit),
-    ``objective.setup``, ``accelerator.prepare``, and ``torch.compile`` when the config asks. The
+    builds them: objective checked, policy, AdamW (or 8-bit), ``objective.setup``, then
+    ``align_gen.train.prepare_model`` (accelerate, torch.compile when asked, steps per forward). The
     LoRA initialisation is seeded from ``config.seed``, so two builds start from the same weights."""
     from accelerate import Accelerator
 
     from align_gen.objectives import build_objective
     from align_gen.optimizers import build_optimizer
     from align_gen.policies import build_policy
+    from align_gen.train import prepare_model
 
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=device == "cpu")
     objective = build_objective(config.objective)
     objective.check(config)
     torch.manual_seed(config.seed)
     policy = build_policy(config.model, config.sample, accelerator.device)
-    if policy.steps_per_forward is not None:
-        policy.steps_per_forward = config.train.steps_per_forward
     optimizer = build_optimizer(policy, config.train)
     objective.setup(policy, config)
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
-    if config.model.compile:
-        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
+    optimizer = prepare_model(policy, optimizer, config, accelerator)
     return accelerator, policy, objective, optimizer

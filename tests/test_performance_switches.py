@@ -96,5 +96,5 @@ def test_offloading_the_frozen_modules_changes_nothing_but_where_they_live(famil
     assert torch.equal(rollouts[0].images, rollouts[1].images)
     assert torch.equal(rollouts[0].log_probs, rollouts[1].log_probs)
     assert torch.equal(plain.encode_samples(rollouts[0].images), offloaded.encode_samples(rollouts[0].images))
-    for module in (offloaded.vae, *offloaded._text_encoders):
+    for module in (offloaded.vae, *offloaded.text_encoders):
         assert next(module.parameters()).device.type == "cpu"

@@ -85,3 +85,18 @@ def test_steps_per_forward_reaches_the_policy_and_is_checked(tmp_path: Path, tin
     overrides = [*tiny_train_overrides, "train.steps_per_forward=2", f"output_dir={tmp_path}"]
     result = train(load_config(None, overrides))
     assert read_metrics(result.metrics)[0]["epoch"] == 0
+
+
+def test_prepare_model_sets_the_steps_per_forward_of_a_diffusion_policy_only() -> None:
+    """align_gen.train.prepare_model gives a diffusion policy train.steps_per_forward; a VLM's
+    one teacher-forced pass keeps scoring every token (None)."""
+    from accelerate import Accelerator
+
+    from align_gen.optimizers import build_optimizer
+    from align_gen.train import prepare_model
+
+    for model, expected in (("align-gen:tiny-random-sd", 3), ("align-gen:tiny-random-llava", None)):
+        config = load_config(None, [f"model.pretrained={model}", "train.steps_per_forward=3"])
+        policy = build_policy(config.model, config.sample, "cpu")
+        prepare_model(policy, build_optimizer(policy, config.train), config, Accelerator(cpu=True))
+        assert policy.steps_per_forward == expected, model

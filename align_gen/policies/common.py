@@ -176,7 +176,7 @@ class DenoiserPolicy(TrainableWeights):
         shape = (len(prompts), self.vae.config.latent_channels, side, side)
         noise_device = generator.device if generator is not None else self.device
         latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
-        with self._frozen_on_device(self._text_encoders):
+        with self._frozen_on_device(self.text_encoders):
             conditioning = self.encode_prompts(prompts)
         return conditioning, latents
 
@@ -192,11 +192,12 @@ class DenoiserPolicy(TrainableWeights):
         return (images / 2 + 0.5).clamp(0, 1)
 
     def _place_frozen(self, text_encoders: Sequence[torch.nn.Module]) -> None:
-        """Puts the VAE and ``text_encoders`` on the device, or with ``model.offload_frozen`` on
-        the CPU, from where :meth:`_frozen_on_device` brings them in only while they run."""
-        self._text_encoders = list(text_encoders)
+        """Keeps ``text_encoders`` (every one the pipeline has) as :attr:`text_encoders` and puts
+        them and the VAE on the device, or with ``model.offload_frozen`` on the CPU, from where
+        :meth:`_frozen_on_device` brings them in only while they run."""
+        self.text_encoders = list(text_encoders)
         home = torch.device("cpu") if self.model_config.offload_frozen else self.device
-        for module in (self.vae, *self._text_encoders):
+        for module in (self.vae, *self.text_encoders):
             module.to(home)
 
     @contextlib.contextmanager

@@ -60,13 +60,14 @@ class FlowPolicy(DenoiserPolicy):
         self.resolution = sample_config.resolution or self._native_resolution()
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self._attach(pipeline, model_config, sample_config, device, scheduler)
-        self.text_encoders = [
-            encoder.requires_grad_(False).eval()
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-            if (encoder := getattr(pipeline, name, None)) is not None
-        ]
         self.transformer.to(self.device)
-        self._place_frozen(self.text_encoders)
+        self._place_frozen(
+            [
+                encoder.requires_grad_(False).eval()
+                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if (encoder := getattr(pipeline, name, None)) is not None
+            ]
+        )
         self._configure_model(trainable)
         # Read once (ModelMixin.dtype walks every submodule): the frozen weights' dtype, or
         # float32 when every weight is trained (trainable weights are always float32).
