@@ -47,7 +47,11 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit)
     variant: str | None = None  # weight file variant on the hub, e.g. "fp16"
     dtype: Dtype = "float32"  # dtype of the frozen weights; trainable weights stay float32
-    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the `gpu` extra and CUDA
+    # Diffusion denoisers' attention: "sdpa" lets PyTorch's scaled_dot_product_attention pick its
+    # kernel; "sdpa_flash" / "sdpa_efficient" / "sdpa_cudnn" / "sdpa_math" allow only that one
+    # (flash and math also run on a CPU; efficient and cudnn need CUDA); "xformers" needs the
+    # `gpu` extra and CUDA.
+    attention: Literal["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "xformers"] = "sdpa"
     gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
     # Diffusion policies: the denoiser's weights in channels_last memory format (faster
     # convolutions with tensor cores on a GPU; a UNet's, a transformer has few convolutions).

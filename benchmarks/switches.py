@@ -13,7 +13,11 @@ loaded machine), and on CUDA the peak memory of each side's update.
 Switches (``SWITCHES``): ``channels_last``, ``compile`` (torch.compile, inductor),
 ``steps_per_forward`` (``train.steps_per_forward=--k``), ``gradient_checkpointing``,
 ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: its gain is memory, in the peak column on CUDA),
-``offload_frozen`` (VAE and text encoders on the CPU between uses: memory, for transfer time).
+``offload_frozen`` (VAE and text encoders on the CPU between uses: memory, for transfer time),
+and the attention kernels against PyTorch's own choice (``sdpa``): ``sdpa_flash``,
+``sdpa_efficient``, ``sdpa_cudnn``, ``sdpa_math`` (one SDPA kernel only) and ``xformers``. A
+switch the device cannot run (efficient, cudnn or xformers on a CPU; xformers not installed) is
+reported as n/a with the reason and the others go on.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/switches.py --model random:sd15-mid --switches channels_last steps_per_forward
     python benchmarks/switches.py --model random:sd15 --device cuda --dtype bfloat16 --mixed-precision bf16 --batch-size 8 --steps 50
@@ -42,9 +46,13 @@ from harness import (
 )
 
 from align_gen.config import RunConfig, apply_override, from_dict
+from align_gen.errors import ConfigError
 from align_gen.objectives import build_objective
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
+
+
+ATTENTION_KERNELS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "xformers")
 
 
 def switch_overrides(k: int) -> dict[str, list[str]]:
@@ -56,7 +64,9 @@ def switch_overrides(k: int) -> dict[str, list[str]]:
         "gradient_checkpointing": ["model.gradient_checkpointing=true"],
         "adamw_8bit": ["train.optimizer=adamw_8bit"],
         "offload_frozen": ["model.offload_frozen=true"],
+        **{kernel: [f"model.attention={kernel}"] for kernel in ATTENTION_KERNELS},
     }
+
 
 
 SWITCHES = tuple(switch_overrides(1))
@@ -158,7 +168,12 @@ def main() -> None:
     print_machine(machine)
     raw = base_config(args, dtype)
     overrides = switch_overrides(args.k)
-    results = {name: measure_pair(args, raw, overrides[name]) for name in args.switches}
+    results, unavailable = {}, {}
+    for name in args.switches:
+        try:
+            results[name] = measure_pair(args, raw, overrides[name])
+        except ConfigError as error:  # the device cannot run this switch
+            unavailable[name] = str(error)
     print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
           f"epoch={args.batch_size * args.num_batches} rollouts, repeats={args.repeats} (+1 warm-up)")
     header = ["switch", "sample s base", "sample s var", "sample x", "per-pair", "update s base", "update s var",
@@ -171,9 +186,11 @@ def main() -> None:
                      result["sample_per_pair"], median(t["baseline"]["update"]), median(t["variant"]["update"]),
                      result["update_speedup"], result["update_per_pair"], peak])
     print_table(header, rows)
+    for name, reason in unavailable.items():
+        print(f"{name}: n/a on this device ({reason})")
     write_json(args.json, {"benchmark": "switches", "machine": {**machine, "load_avg_1min_end": load_average()},
                            "settings": {**vars(args), "json": str(args.json), "model": shown_model, "dtype": dtype},
-                           "results": results})
+                           "results": results, "unavailable": unavailable})
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_non_finite_float_is_an_error(value: str) -> None:
     ("override", "choices"),
     [
         ("model.dtype=float64", "'float32', 'float16', 'bfloat16'"),
-        ("model.attention=flash", "'sdpa', 'xformers'"),
+        ("model.attention=flash", "'sdpa', 'sdpa_flash', 'sdpa_efficient', 'sdpa_cudnn', 'sdpa_math', 'xformers'"),
         ("train.mixed_precision=fp8", "'no', 'fp16', 'bf16'"),
         ("advantage.kind=global", "'per_prompt', 'batch', 'group'"),
     ],

@@ -1,5 +1,5 @@
 """The performance switches change how the model runs, never what it computes:
-``model.channels_last``, ``model.offload_frozen`` and ``model.compile`` (torch.compile; the "eager" backend traces the
+``model.channels_last``, ``model.offload_frozen``, ``model.attention`` (one SDPA kernel) and ``model.compile`` (torch.compile; the "eager" backend traces the
 graph through dynamo without inductor's minutes of compilation, so the wiring is checked fast)."""
 
 from __future__ import annotations
@@ -31,10 +31,53 @@ def test_channels_last_reproduces_the_log_probs_of_the_default_layout() -> None:
     assert torch.allclose(fast.step_log_prob(rollout, torch.arange(3)), rollout.log_probs, atol=1e-5)
 
 
-@pytest.mark.parametrize("switch", ["channels_last", "offload_frozen"])
-def test_diffusion_only_switches_are_refused_for_a_vlm(switch: str) -> None:
-    with pytest.raises(ConfigError, match=switch):
-        build_policy(ModelConfig(pretrained="align-gen:tiny-random-llava", **{switch: True}), SampleConfig(), "cpu")
+@pytest.mark.parametrize("switch", [{"channels_last": True}, {"offload_frozen": True}, {"attention": "sdpa_flash"}])
+def test_diffusion_only_switches_are_refused_for_a_vlm(switch: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(switch))):
+        build_policy(ModelConfig(pretrained="align-gen:tiny-random-llava", **switch), SampleConfig(), "cpu")
+
+
+def _sdpa_flags() -> dict[str, bool]:
+    """Which kernels PyTorch's scaled_dot_product_attention may use right now (global flags that
+    torch.nn.attention.sdpa_kernel sets; they govern CPU dispatch too)."""
+    backends = torch.backends.cuda
+    return {
+        "flash": backends.flash_sdp_enabled(),
+        "efficient": backends.mem_efficient_sdp_enabled(),
+        "cudnn": backends.cudnn_sdp_enabled(),
+        "math": backends.math_sdp_enabled(),
+    }
+
+
+@pytest.mark.parametrize("family", ["tiny-random-sd", "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"])
+@pytest.mark.parametrize("kernel", ["flash", "math"])
+def test_one_sdpa_kernel_runs_every_denoiser_pass_and_computes_the_same(family: str, kernel: str) -> None:
+    """model.attention=sdpa_<kernel> allows only that kernel inside every denoiser forward
+    (seen by a forward hook), leaves it unrestricted outside, and gives the default's numbers."""
+    sample = SampleConfig(num_steps=2, guidance_scale=2.0, batch_size=2)
+    torch.manual_seed(0)
+    plain = build_policy(ModelConfig(pretrained=f"align-gen:{family}"), sample, "cpu")
+    torch.manual_seed(0)
+    chosen = build_policy(ModelConfig(pretrained=f"align-gen:{family}", attention=f"sdpa_{kernel}"), sample, "cpu")
+    seen: list[dict[str, bool]] = []
+    chosen.model.register_forward_pre_hook(lambda module, args: seen.append(_sdpa_flags()))
+    outside = _sdpa_flags()
+    rollouts = [policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0)) for policy in (plain, chosen)]
+    matching = []
+    for policy in (plain, chosen):
+        torch.manual_seed(1)  # the same training timesteps and noise
+        matching.append(policy.matching_loss(rollouts[0], clean=rollouts[0].final_samples))
+    assert seen and all(flags == {name: name == kernel for name in flags} for flags in seen)
+    assert _sdpa_flags() == outside == {name: True for name in outside}
+    assert torch.allclose(rollouts[0].log_probs, rollouts[1].log_probs, atol=1e-5)
+    assert torch.allclose(chosen.step_log_prob(rollouts[0], torch.arange(2)), rollouts[0].log_probs, atol=1e-5)
+    assert torch.allclose(matching[0], matching[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa_efficient", "sdpa_cudnn", "xformers"])
+def test_cuda_only_attention_is_refused_on_a_cpu_with_the_choices_that_run_there(attention: str) -> None:
+    with pytest.raises(ConfigError, match=f"model.attention={attention} needs a CUDA device.*sdpa_flash or sdpa_math"):
+        build_policy(ModelConfig(pretrained="align-gen:tiny-random-sd", attention=attention), SampleConfig(), "cpu")
 
 
 def test_a_compiled_run_trains_and_matches_the_uncompiled_one(tmp_path: Path, tiny_train_overrides) -> None:

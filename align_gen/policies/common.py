@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from align_gen.config import ModelConfig, SampleConfig
@@ -27,6 +28,15 @@ Tensor = torch.Tensor
 # LoRA targets when model.lora.target_modules is empty: the attention projections of diffusers'
 # UNet and transformer blocks.
 DENOISER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# model.attention values that restrict PyTorch's scaled_dot_product_attention to one kernel.
+SDPA_KERNELS = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+CUDA_ONLY_ATTENTION = ("sdpa_efficient", "sdpa_cudnn", "xformers")
 
 
 
@@ -53,6 +63,7 @@ class DenoiserPolicy(TrainableWeights):
     conditioning_keys: tuple[str, ...] = ("prompt_embeds",)
     takes_images = False  # text-to-image: prompts are strings
     steps_per_forward: int | None = 1  # re-scored steps per denoiser forward (train.steps_per_forward)
+    _sdpa_kernel: SDPBackend | None = None  # the one SDPA kernel model.attention allows (None: PyTorch picks)
 
     # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
     lora_layers_argument = "unet_lora_layers"
@@ -72,7 +83,7 @@ class DenoiserPolicy(TrainableWeights):
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         """(B, C, h, w) float32 output of one denoiser pass, ``conditioning`` keyed as
         :attr:`conditioning_keys`, without guidance."""
         raise NotImplementedError
@@ -136,9 +147,13 @@ class DenoiserPolicy(TrainableWeights):
     def _configure_model(self, trainable: bool) -> None:
         """Freezes the model, or makes LoRA adapters / the whole model trainable in float32."""
         config = self.model_config
+        if config.attention in CUDA_ONLY_ATTENTION and self.device.type != "cuda":
+            raise ConfigError(
+                f"model.attention={config.attention} needs a CUDA device; on {self.device.type} use sdpa, "
+                "sdpa_flash or sdpa_math."
+            )
+        self._sdpa_kernel = SDPA_KERNELS.get(config.attention)
         if config.attention == "xformers":
-            if self.device.type != "cuda":
-                raise ConfigError("model.attention=xformers needs a CUDA device; use sdpa on CPU.")
             try:
                 self.model.enable_xformers_memory_efficient_attention()
             except (ImportError, ModuleNotFoundError, ValueError) as error:
@@ -216,6 +231,22 @@ class DenoiserPolicy(TrainableWeights):
 
     # ----------------------------------------------------------------------------------------
     # guidance and re-scoring
+
+    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        """One denoiser forward pass (no CFG) with the attention kernel ``model.attention`` names."""
+        if self._sdpa_kernel is None:
+            return self._denoiser_forward(latents, timesteps, conditioning)
+        try:
+            with sdpa_kernel(self._sdpa_kernel):
+                return self._denoiser_forward(latents, timesteps, conditioning)
+        except RuntimeError as error:
+            if "No available kernel" not in str(error) and "No viable backend" not in str(error):
+                raise
+            raise ConfigError(
+                f"model.attention={self.model_config.attention}: PyTorch's {self._sdpa_kernel.name} kernel cannot run "
+                f"these inputs ({latents.dtype} on {latents.device.type}; flash needs float16 / bfloat16 on a GPU). "
+                "Set model.attention=sdpa to let PyTorch choose."
+            ) from error
 
     def _denoise(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         """The denoiser's output for (B, C, h, w) latents at (B,) timesteps, with CFG applied.

@@ -95,7 +95,7 @@ class DiffusionPolicy(DenoiserPolicy):
             conditioning["negative_prompt_embeds"] = negative.expand(len(prompts), -1, -1).contiguous()
         return conditioning
 
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         dtype = self.model_dtype
         return self.forward_model(latents.to(dtype), timesteps, conditioning["prompt_embeds"].to(dtype)).sample.float()
 
@@ -198,7 +198,7 @@ class SDXLPolicy(DiffusionPolicy):
             )
         return conditioning
 
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         dtype = self.model_dtype
         added = {
             "text_embeds": conditioning["pooled_prompt_embeds"].to(dtype),

@@ -110,7 +110,7 @@ class FlowPolicy(DenoiserPolicy):
             conditioning.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
         return conditioning
 
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         """(B, C, h, w) float32 predicted velocity at (B,) float timesteps sigma * N."""
         dtype = self.model_dtype
         return self.forward_model(

@@ -122,7 +122,7 @@ class FluxPolicy(FlowPolicy):
             conditioning.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
         return conditioning
 
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
         """(B, C, h, w) float32 predicted velocity of (B, C, h, w) latents at (B,) timesteps
         sigma * N, through the transformer's (B, h/2 * w/2, 4C) packed tokens."""
         pipeline, dtype, device = self.pipeline, self.model_dtype, latents.device

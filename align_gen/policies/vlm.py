@@ -145,6 +145,11 @@ class VLMPolicy(TrainableWeights):
                 "model.channels_last and model.offload_frozen apply to diffusion models (their denoiser; their VAE and "
                 "text encoders); a VLM has neither to move or speed up."
             )
+        if config.attention != "sdpa":
+            raise ConfigError(
+                f"model.attention={config.attention} selects a diffusion denoiser's attention kernel; a VLM runs "
+                "transformers' default (sdpa): leave model.attention=sdpa."
+            )
         self._reference_weights = None
         if not trainable:
             self.model.requires_grad_(False).eval()
