@@ -14,9 +14,11 @@ Diffusion 3, Stable Diffusion XL and FLUX.1, and ``align-gen:tiny-random-llava``
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
 import os
+import shutil
 import string
 import tempfile
 from functools import lru_cache
@@ -38,7 +40,8 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 @lru_cache(maxsize=1)
 def clip_tokenizer_files() -> tuple[str, str]:
-    """Writes vocab.json / merges.txt of the CLIP BPE (from open_clip's copy) once per process."""
+    """Writes vocab.json / merges.txt of the CLIP BPE (from open_clip's copy) once per process, into
+    a temporary folder removed when the process exits."""
     import open_clip
 
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -50,6 +53,7 @@ def clip_tokenizer_files() -> tuple[str, str]:
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(p) for p in merge_pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(tempfile.mkdtemp(prefix="align_gen_clip_tokenizer_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merge_pairs))
     return str(folder / "vocab.json"), str(folder / "merges.txt")
