@@ -88,6 +88,9 @@ class Rollout:
         preferred: a preferred sample of each prompt taken from a dataset (SePPO's winners), in
             the representation of ``final_samples`` ((B, C, h, w) latents, or a VLM's (B, T)
             answer tokens), or None.
+        encoded_images: (B, C, h, w) the decoded ``images`` encoded back to latents
+            (``policy.encode_samples(images)``), the path every dataset image takes; set where an
+            objective compares the samples with dataset images (SePPO), else None.
     """
 
     prompts: list[str] | list[VisualPrompt]
@@ -101,6 +104,7 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     preferred: Tensor | None = None
+    encoded_images: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

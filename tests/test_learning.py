@@ -21,8 +21,9 @@ configs/tiny/seppo_world_compressibility.yaml (the trained tiny world's diffusio
 the plain drawings of configs/tiny/data/shapes, the whole UNet at lr 1e-4) and checks that the
 final model's own samples (18 prompts x seeds 0-3, paired) are more compressible than the base
 model's, and far more than after the same run with random-noise winners. Measured for run seeds
-0 / 1 / 2: +0.076 +- 0.012 / +0.042 +- 0.010 / +0.059 +- 0.012 kB over the base model; the
-noise-winner runs -0.41 / -0.42 / -0.44 kB. At lr 1e-3 (the random tiny model's setting) the
+0 / 1 / 2: +0.045 +- 0.010 / +0.088 +- 0.011 / +0.063 +- 0.011 kB over the base model; the
+noise-winner runs -0.41 kB (seed 0; -0.42 / -0.44 for seeds 1 / 2 before the reference samples
+were re-encoded like the winners). At lr 1e-3 (the random tiny model's setting) the
 push away from the model's own samples roughened them instead (+0.30 / -0.03 / -0.12 kB over the
 base for three seeds, though always above the noise control). On the random tiny model any
 training smooths its coloured noise, so there SePPO's rise did not depend on the winners

@@ -15,6 +15,12 @@ timestep t for both (matching losses l, see ``Policy.matching_terms``):
 The logged ``flip_rate`` is the share of winners with d(x_w) > 0, where the anchor's sign
 flips (or drops) the reference term.
 
+Both members of a pair are compared as images: the winner is a dataset image encoded by the
+VAE, and x_ref is the reference's decoded sample encoded back the same way
+(``Rollout.encoded_images``), not the sampler's final latent. Otherwise every pair also differs
+by the VAE's round trip (18% of the latent's scale on the tiny world's VAE), a difference the
+policy can learn instead of the preference.
+
 The reference model is chosen once per epoch (the same one samples x_ref and scores l_ref):
 ``initial`` (the base model), ``latest`` (the newest snapshot), or ``uniform`` over a ring of
 the last ``ring_size`` snapshots (the initial model included until it is pushed out). A snapshot
@@ -195,6 +201,10 @@ class SePPO(Objective):
         with policy.reference(self._reference[1]):
             rollout = policy.sample(prompts, generator=generator)
         rollout.preferred = policy.encode_samples(self._winners(policy, prompts, generator))
+        if not policy.takes_images:
+            # The winners are images encoded by the VAE; the reference's samples take the same
+            # decode-encode path, so that the pair differs in content, not in the VAE's round trip.
+            rollout.encoded_images = policy.encode_samples(rollout.images)
         return rollout
 
     def _winners(self, policy: Policy, prompts: Sequence, generator: torch.Generator) -> torch.Tensor | list[str]:
@@ -222,7 +232,8 @@ class SePPO(Objective):
         t = policy.training_timesteps(size, generator).repeat(2)
         noise = policy.training_noise(size, generator)
         noise = torch.cat([noise, noise])
-        clean = torch.cat([batch.preferred, batch.final_samples])
+        other = batch.final_samples if batch.encoded_images is None else batch.encoded_images
+        clean = torch.cat([batch.preferred, other])
         terms = policy.matching_terms(pairs, t=t, noise=noise, clean=clean, references=[self._reference[1]])
         divergence = terms.loss - terms.reference_loss[0]  # (2B,) d(x)
         loss, metrics = seppo_loss(divergence[:size], divergence[size:], self.config.beta, self.config.sign)
