@@ -51,7 +51,6 @@ from align_gen.objectives import build_objective
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
 
-
 ATTENTION_KERNELS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "xformers")
 
 
