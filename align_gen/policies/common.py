@@ -39,7 +39,6 @@ SDPA_KERNELS = {
 CUDA_ONLY_ATTENTION = ("sdpa_efficient", "sdpa_cudnn", "xformers")
 
 
-
 def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     """(B,) mean over non-batch elements of (a - b)^2."""
     return (a - b).pow(2).flatten(1).mean(dim=1)
