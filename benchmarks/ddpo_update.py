@@ -47,6 +47,7 @@ import torch
 from accelerate import Accelerator
 from harness import (
     add_common_flags,
+    build_like_train,
     count_flops,
     describe_machine,
     flops_report,
@@ -63,13 +64,10 @@ from harness import (
 
 from align_gen.config import RunConfig, from_dict
 from align_gen.kernels import ddim_step_with_logprob
-from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
-from align_gen.optimizers import build_optimizer
-from align_gen.policies import build_policy
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
-from align_gen.train import collect_rollouts, epoch_generator, prepare_model, update
+from align_gen.train import collect_rollouts, epoch_generator, update
 from align_gen.types import Rollout
 
 Tensor = torch.Tensor
@@ -307,21 +305,14 @@ def main() -> None:
     dtype = resolve_dtype(args)
     config = run_config(args, dtype)
 
-    # As align_gen.train.train builds them.
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, cpu=args.device == "cpu"
-    )
+    accelerator, policy, objective, optimizer = build_like_train(config, args.device)
     device = accelerator.device
     machine = describe_machine(device)
     print_machine(machine)
-    objective = build_objective(config.objective)
-    objective.check(config)
-    policy = build_policy(config.model, config.sample, device)
     if args.compare_anchor and not isinstance(policy, DiffusionPolicy):
         raise SystemExit(
             f"--compare-anchor needs an SD1.x/2.x UNet model; {model_name!r} is a {type(policy).__name__}"
         )
-    optimizer = prepare_model(policy, build_optimizer(policy, config.train), config, accelerator)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     total = sum(p.numel() for p in policy.model.parameters())
 

@@ -67,7 +67,6 @@ def switch_overrides(k: int) -> dict[str, list[str]]:
     }
 
 
-
 SWITCHES = tuple(switch_overrides(1))
 
 

@@ -205,11 +205,16 @@ class DenoiserPolicy(TrainableWeights):
             images = self.vae.decode(scaled).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def _place_frozen(self, text_encoders: Sequence[torch.nn.Module]) -> None:
-        """Keeps ``text_encoders`` (every one the pipeline has) as :attr:`text_encoders` and puts
-        them and the VAE on the device, or with ``model.offload_frozen`` on the CPU, from where
-        :meth:`_frozen_on_device` brings them in only while they run."""
-        self.text_encoders = list(text_encoders)
+    def _place_frozen(self, pipeline) -> None:
+        """Freezes every text encoder ``pipeline`` has (``text_encoder``, ``_2``, ``_3``), keeps
+        them as :attr:`text_encoders`, and puts them and the VAE on the device, or with
+        ``model.offload_frozen`` on the CPU, from where :meth:`_frozen_on_device` brings them in
+        only while they run."""
+        self.text_encoders = [
+            encoder.requires_grad_(False).eval()
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if (encoder := getattr(pipeline, name, None)) is not None
+        ]
         home = torch.device("cpu") if self.model_config.offload_frozen else self.device
         for module in (self.vae, *self.text_encoders):
             module.to(home)

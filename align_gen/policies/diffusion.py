@@ -61,10 +61,10 @@ class DiffusionPolicy(DenoiserPolicy):
         # Configuration is always read from self.model; the trainer may wrap self.forward_model.
         self.forward_model = self.model
         self.vae = pipeline.vae.requires_grad_(False).eval()
-        self.text_encoder = pipeline.text_encoder.requires_grad_(False).eval()
-        self.tokenizer = pipeline.tokenizer
         self.unet.to(self.device)
-        self._place_frozen([self.text_encoder])
+        self._place_frozen(pipeline)  # SDXL's second text encoder included
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
         self._configure_model(trainable)
         # diffusers' ModelMixin.dtype walks every submodule (1-4 ms per read at SD1.5 size, paid
         # on every denoising step); the dtype of the frozen weights never changes, so read it once.
@@ -164,8 +164,7 @@ class SDXLPolicy(DiffusionPolicy):
     ) -> None:
         """Wraps ``pipeline``; ``trainable=False`` freezes everything (sampling, evaluation)."""
         super().__init__(pipeline, model_config, sample_config, device, trainable=trainable)
-        self.text_encoder_2 = pipeline.text_encoder_2.requires_grad_(False).eval()
-        self._place_frozen([self.text_encoder, self.text_encoder_2])
+        self.text_encoder_2 = pipeline.text_encoder_2  # frozen and placed by DiffusionPolicy
 
     def _time_ids(self, batch: int) -> Tensor:
         """(B, 6) float32 SDXL micro-conditioning: original size, crop top-left, target size."""

@@ -61,13 +61,7 @@ class FlowPolicy(DenoiserPolicy):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self._attach(pipeline, model_config, sample_config, device, scheduler)
         self.transformer.to(self.device)
-        self._place_frozen(
-            [
-                encoder.requires_grad_(False).eval()
-                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                if (encoder := getattr(pipeline, name, None)) is not None
-            ]
-        )
+        self._place_frozen(pipeline)
         self._configure_model(trainable)
         # Read once (ModelMixin.dtype walks every submodule): the frozen weights' dtype, or
         # float32 when every weight is trained (trainable weights are always float32).
