@@ -51,6 +51,8 @@ def test_config_rejects_bad_values() -> None:
         SePPOConfig(reference="best")
     with pytest.raises(ConfigError, match="objective.beta"):
         SePPOConfig(beta=0.0)
+    with pytest.raises(ConfigError, match="objective.sft_weight"):
+        SePPOConfig(sft_weight=-1.0)
 
 
 def test_ring_keeps_the_newest_members_and_round_trips() -> None:
@@ -175,6 +177,34 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
     assert reference_divergence(dataclasses.replace(batch, encoded_images=batch.final_samples)) != pytest.approx(
         expected, rel=1e-2
     )
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_sft_weight_adds_the_winners_own_matching_loss() -> None:
+    """loss(sft_weight=w) = loss(0) + w * mean_b l_theta(x_w), with l_theta the winners' matching
+    loss at the objective's timesteps and noise (recomputed here from the same generator)."""
+    torch.manual_seed(0)
+    run = _tiny_run(True, "objective.reference=initial")
+    policy = build_policy(run.model, run.sample, "cpu")
+    plain = build_objective(run.objective)
+    plain.setup(policy, run)
+    batch = plain.sample(policy, ["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    weighted = build_objective(dataclasses.replace(run.objective, sft_weight=3.0))
+    weighted._reference = plain._reference
+
+    def loss_of(objective) -> tuple[float, dict[str, float]]:
+        term = next(objective.loss_terms(policy, batch, torch.Generator().manual_seed(2)))
+        return float(term.loss.detach()), term.metrics
+
+    base, base_metrics = loss_of(plain)
+    with_sft, metrics = loss_of(weighted)
+    generator = torch.Generator().manual_seed(2)
+    t, noise = policy.training_timesteps(2, generator), policy.training_noise(2, generator)
+    with torch.no_grad():
+        winner_loss = float(policy.matching_terms(batch, t=t, noise=noise, clean=batch.preferred).loss.mean())
+    assert metrics["winner_loss"] == pytest.approx(winner_loss, rel=1e-5)
+    assert base_metrics["winner_loss"] == pytest.approx(winner_loss, rel=1e-5)
+    assert with_sft == pytest.approx(base + 3.0 * winner_loss, rel=1e-5)
 
 
 def test_reference_snapshot_is_swapped_in_and_out() -> None:

@@ -69,6 +69,7 @@ class SePPOConfig(ObjectiveConfig):
     reference: Literal["uniform", "initial", "latest"] = "uniform"  # which past model samples x_ref
     reference_every: int = 1  # optimizer updates between reference snapshots
     ring_size: int = 5  # snapshots kept (CPU memory: ring_size x the trainable weights)
+    sft_weight: float = 0.0  # weight of the winner's own matching loss added to the loss (0: the paper's)
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -83,6 +84,8 @@ class SePPOConfig(ObjectiveConfig):
             raise ConfigError(f"objective.reference_every must be >= 1, got {self.reference_every}.")
         if self.ring_size < 1:
             raise ConfigError(f"objective.ring_size must be >= 1, got {self.ring_size}.")
+        if self.sft_weight < 0:
+            raise ConfigError(f"objective.sft_weight must be >= 0, got {self.sft_weight}.")
 
 
 def anchor_sign(winner_divergence: Tensor, rule: str) -> Tensor:
@@ -237,6 +240,11 @@ class SePPO(Objective):
         terms = policy.matching_terms(pairs, t=t, noise=noise, clean=clean, references=[self._reference[1]])
         divergence = terms.loss - terms.reference_loss[0]  # (2B,) d(x)
         loss, metrics = seppo_loss(divergence[:size], divergence[size:], self.config.beta, self.config.sign)
+        winner_loss = terms.loss[:size].mean()  # () l_theta(x_w)
+        metrics["winner_loss"] = float(winner_loss.detach())
+        if self.config.sft_weight:
+            loss = loss + self.config.sft_weight * winner_loss
+            metrics["loss"] = float(loss.detach())
         metrics["reference_step"] = float(self._reference[0])
         yield LossOutput(loss, metrics)
 
