@@ -144,6 +144,17 @@ def test_updates_lower_the_winners_divergence(lora: bool) -> None:
     assert divergence(batch.preferred).mean() < -1e-3
 
 
+def _sampled_against_the_initial_model():
+    """(run, LoRA policy, SePPO with the initial model as reference, a rollout of 2 prompts)."""
+    torch.manual_seed(0)
+    run = _tiny_run(True, "objective.reference=initial")
+    policy = build_policy(run.model, run.sample, "cpu")
+    objective = build_objective(run.objective)
+    objective.setup(policy, run)
+    batch = objective.sample(policy, ["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    return run, policy, objective, batch
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_reference_samples_take_the_winners_vae_round_trip() -> None:
     """Winners are dataset images passed through the VAE's encoder, so the reference samples are
@@ -151,12 +162,7 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
     otherwise every pair also differs by the VAE's round trip, and SePPO learns to prefer
     encoded latents (measured on the world model: held-out CLIP -0.018 +- 0.005 before this,
     -0.006 after, same run)."""
-    torch.manual_seed(0)
-    run = _tiny_run(True, "objective.reference=initial")
-    policy = build_policy(run.model, run.sample, "cpu")
-    objective = build_objective(run.objective)
-    objective.setup(policy, run)
-    batch = objective.sample(policy, ["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    _, policy, objective, batch = _sampled_against_the_initial_model()
     assert torch.allclose(batch.encoded_images, policy.encode_samples(batch.images))
     assert not torch.allclose(batch.encoded_images, batch.final_samples, atol=1e-2)  # the round trip is not exact
     with torch.no_grad():  # move the policy away from its initial reference, so d(x_ref) != 0
@@ -183,12 +189,7 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
 def test_sft_weight_adds_the_winners_own_matching_loss() -> None:
     """loss(sft_weight=w) = loss(0) + w * mean_b l_theta(x_w), with l_theta the winners' matching
     loss at the objective's timesteps and noise (recomputed here from the same generator)."""
-    torch.manual_seed(0)
-    run = _tiny_run(True, "objective.reference=initial")
-    policy = build_policy(run.model, run.sample, "cpu")
-    plain = build_objective(run.objective)
-    plain.setup(policy, run)
-    batch = plain.sample(policy, ["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    run, policy, plain, batch = _sampled_against_the_initial_model()
     weighted = build_objective(dataclasses.replace(run.objective, sft_weight=3.0))
     weighted._reference = plain._reference
 
