@@ -155,6 +155,12 @@ def _sampled_against_the_initial_model():
     return run, policy, objective, batch
 
 
+def _objective_draws(policy, seed: int, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps and noise SePPO.loss_terms draws first from a generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return policy.training_timesteps(size, generator), policy.training_noise(size, generator)
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_reference_samples_take_the_winners_vae_round_trip() -> None:
     """Winners are dataset images passed through the VAE's encoder, so the reference samples are
@@ -173,9 +179,7 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
         term = next(objective.loss_terms(policy, rollout, torch.Generator().manual_seed(2)))
         return term.metrics["reference_divergence"]
 
-    expected_noise = torch.Generator().manual_seed(2)
-    t = policy.training_timesteps(2, expected_noise)
-    noise = policy.training_noise(2, expected_noise)
+    t, noise = _objective_draws(policy, seed=2)
     with torch.no_grad():
         terms = policy.matching_terms(batch, t=t, noise=noise, clean=batch.encoded_images, references=[None])
     expected = float((terms.loss - terms.reference_loss[0]).mean())
@@ -199,8 +203,7 @@ def test_sft_weight_adds_the_winners_own_matching_loss() -> None:
 
     base, base_metrics = loss_of(plain)
     with_sft, metrics = loss_of(weighted)
-    generator = torch.Generator().manual_seed(2)
-    t, noise = policy.training_timesteps(2, generator), policy.training_noise(2, generator)
+    t, noise = _objective_draws(policy, seed=2)
     with torch.no_grad():
         winner_loss = float(policy.matching_terms(batch, t=t, noise=noise, clean=batch.preferred).loss.mean())
     assert metrics["winner_loss"] == pytest.approx(winner_loss, rel=1e-5)

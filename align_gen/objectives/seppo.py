@@ -11,7 +11,7 @@ timestep t for both (matching losses l, see ``Policy.matching_terms``):
                                                        otherwise x_ref is treated as a winner too)
              "indicator": +1 if d(x_w) <= 0 else 0    (0 drops the x_ref term: SFT on the winner)
              "none":      +1                          (plain Diffusion-DPO against x_ref)
-    loss = -log sigmoid(-beta (d(x_w) - s d(x_ref)))
+    loss = -log sigmoid(-beta (d(x_w) - s d(x_ref)))  [+ sft_weight * l_theta(x_w), off by default]
 The logged ``flip_rate`` is the share of winners with d(x_w) > 0, where the anchor's sign
 flips (or drops) the reference term.
 
