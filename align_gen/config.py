@@ -210,6 +210,13 @@ class RunConfig:
     save_every: int = 10  # epochs between checkpoints; the last epoch is always saved
     keep_checkpoints: int = 2  # older checkpoints are deleted
     resume: str | None = None  # "latest", a checkpoint folder, or None
+    # An output_dir that already holds a run is refused unless resume continues it or this is
+    # true: then that run's results (metrics, checkpoints, final model, grids) are deleted first.
+    overwrite: bool = False
+    # Resuming with a config that changes what is trained (anything but epochs, save_every,
+    # keep_checkpoints, tensorboard, grid, evaluation, monitors) is refused unless this is true;
+    # either way the change is shown and every config used is kept in config_history/.
+    allow_config_changes: bool = False
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)

@@ -20,3 +20,11 @@ class MissingWeightsError(AlignGenError, FileNotFoundError):
 
 class RewardError(AlignGenError, RuntimeError):
     """A reward is unknown, failed, or returned a non-finite value."""
+
+
+class CheckpointError(AlignGenError):
+    """A checkpoint is missing, damaged (does not match its manifest) or unreadable."""
+
+
+class TrainingDivergedError(AlignGenError, RuntimeError):
+    """The loss, gradients, weights or samples became NaN or infinite; nothing was saved."""

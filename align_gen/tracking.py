@@ -4,15 +4,20 @@ evaluation.jsonl, TensorBoard when installed, and the learning-curve plot."""
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
+
+from align_gen.durable import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 EVALUATION_FILE = "evaluation.jsonl"
 
 
 class MetricsLog:
-    """Appends one JSON line per call; on resume, drops the lines of epochs that will be redone.
+    """Appends one JSON line per call (flushed and fsync'd); on resume, drops the lines of epochs
+    that will be redone, rewriting the file atomically, and a last line cut off by a crash.
 
     Each line's ``epoch_key`` field orders it: ``"epoch"`` (the epoch index) in metrics.jsonl,
     ``"epochs_done"`` (updates finished when it was measured) in evaluation.jsonl. Lines whose
@@ -38,8 +43,8 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)[epoch_key] < redo_from]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row[epoch_key] < redo_from]
+            write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -52,6 +57,8 @@ class MetricsLog:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != self.epoch_key:
@@ -63,8 +70,23 @@ class MetricsLog:
             self.writer.close()
 
 
+class TornLineWarning(UserWarning):
+    """A metrics file's last line was cut off mid-write (a crash or a full disk) and is ignored."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines metrics file. A last line cut off mid-write is dropped with a
+    :class:`TornLineWarning`; a damaged line before it is an error (the file was edited)."""
+    lines = [line for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a JSON line; the file was edited or damaged.") from None
+            warnings.warn(f"{path}: ignoring its last line, cut off mid-write: {line[:60]!r}", TornLineWarning, stacklevel=2)
+    return rows
 
 
 def plot_learning_curve(

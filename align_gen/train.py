@@ -21,9 +21,9 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from align_gen.advantages import build_advantage_fn
-from align_gen.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from align_gen.config import RunConfig, save_config
-from align_gen.errors import ConfigError, RewardError
+from align_gen.checkpoint import save_checkpoint
+from align_gen.config import RunConfig
+from align_gen.errors import ConfigError, RewardError, TrainingDivergedError
 from align_gen.evaluation import paired_change, score_samples, select_prompts
 from align_gen.monitors import Monitors
 from align_gen.objectives import build_objective
@@ -32,6 +32,7 @@ from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
+from align_gen.run_folder import open_run
 from align_gen.tracking import (
     EVALUATION_FILE,
     METRICS_FILE,
@@ -71,9 +72,9 @@ def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
 def train(config: RunConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
+    checkpoint = open_run(
+        config, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, say=accelerator.print
+    )
 
     objective = build_objective(config.objective)
     objective.check(config)
@@ -99,15 +100,13 @@ def train(config: RunConfig) -> TrainResult:
         accelerator.print(note)
 
     start_epoch, global_step = 0, 0
-    checkpoint_dir = resolve_resume(config.resume, output_dir)
-    if checkpoint_dir is not None:
-        checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is not None:
         policy.load_trainable_state_dict(checkpoint.weights)
         optimizer.load_state_dict(checkpoint.optimizer_state)
         advantage_fn.load_state_dict(checkpoint.state["advantage"])
         objective.load_state_dict(checkpoint.objective_state)
         start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
-        accelerator.print(f"resumed from {checkpoint_dir} after epoch {start_epoch}")
+        accelerator.print(f"resumed from {checkpoint.path} after epoch {start_epoch}")
     optimizer = prepare_model(policy, optimizer, config, accelerator)
 
     log = MetricsLog(
@@ -160,8 +159,9 @@ def train(config: RunConfig) -> TrainResult:
         monitor_metrics = monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))
         monitored = time.perf_counter()
 
-        # 4. update
+        # 4. update (a non-finite loss, gradient or weight stops the run here, before any save)
         update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
+        check_finite_weights(policy, config, epoch)
         global_step += steps
         update_metrics.update(objective.end_epoch(policy, global_step))
         finished = time.perf_counter()
@@ -254,7 +254,13 @@ def collect_rollouts(
     ):
         batch_prompts = sample_prompts(prompts, config.sample.batch_size, config.sample.samples_per_prompt, generator)
         batches.append(objective.sample(policy, batch_prompts, generator))
-    return Rollout.concatenate(batches)
+    rollouts = Rollout.concatenate(batches)
+    if not bool(torch.isfinite(rollouts.images).all() & torch.isfinite(rollouts.log_probs).all()):
+        raise TrainingDivergedError(
+            "the policy's samples (or their log-probs) hold NaN or inf. Before any update: the model itself "
+            f"overflows (try model.dtype=float32). After updates: {_divergence_advice(config)}"
+        )
+    return rollouts
 
 
 @torch.no_grad()
@@ -310,6 +316,11 @@ def update(
                         counts[key] += 1
             if (index + 1) % train_config.gradient_accumulation_steps == 0 or index + 1 == len(minibatches):
                 grad_norm = accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm)
+                if not math.isfinite(float(grad_norm)):  # NaN loss or overflow: never step on it
+                    raise TrainingDivergedError(
+                        f"the gradient norm is {float(grad_norm)} at optimizer step {steps + 1} of this epoch: "
+                        f"the loss or its gradient is not finite. {_divergence_advice(config)}"
+                    )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 sums["grad_norm"] += float(grad_norm)
@@ -317,9 +328,33 @@ def update(
                 steps += 1
     policy.model.eval()
     metrics = {key: sums[key] / counts[key] for key in sums}
-    if any(not math.isfinite(v) for v in metrics.values()):
-        raise RuntimeError(f"the update produced non-finite values: {metrics}; lower train.learning_rate.")
+    bad = sorted(key for key, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        raise TrainingDivergedError(f"the update's {', '.join(bad)} are not finite. {_divergence_advice(config)}")
     return metrics, steps
+
+
+def check_finite_weights(policy: Policy, config: RunConfig, epoch: int) -> None:
+    """Stops the run when an update left a NaN or infinite trainable weight (one device read)."""
+    parameters = dict(policy.model.named_parameters())
+    trainable = {name: p for name, p in parameters.items() if p.requires_grad}
+    if bool(torch.stack([torch.isfinite(p).all() for p in trainable.values()]).all()):
+        return
+    names = [name for name, p in trainable.items() if not bool(torch.isfinite(p).all())]
+    raise TrainingDivergedError(
+        f"after the update of epoch {epoch}, {len(names)} trainable tensors hold NaN or inf (e.g. {names[0]}). "
+        f"{_divergence_advice(config)}"
+    )
+
+
+def _divergence_advice(config: RunConfig) -> str:
+    """The rest of a divergence error: what was kept, and the likely cause."""
+    precision = "" if config.train.mixed_precision == "no" else f" or train.mixed_precision={config.train.mixed_precision} overflowed"
+    return (
+        f"Training diverged: train.learning_rate={config.train.learning_rate:g} is likely too high{precision}. "
+        "Nothing of this epoch was saved; lower the learning rate and continue from the last checkpoint with "
+        "resume=latest allow_config_changes=true."
+    )
 
 
 def _reward_term_metrics(reward_fn) -> dict[str, Any]:

@@ -55,7 +55,7 @@ SCALES = ("full", "mid", "tiny")
 CACHE_ROOT = Path(__file__).resolve().parent.parent / "outputs" / "random_models"
 MARKER = "random_model.json"
 
-# --- Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5: unet/, vae/, text_encoder/ configs) --
+# --- Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5: unet/, vae/, text_encoder/ configs) --
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,  # latents 64x64 -> 512 px images
     "in_channels": 4,

@@ -84,3 +84,15 @@ def test_offline_config_trains_one_tiny_epoch(
     result = train(config)
     assert result.first_reward is not None
     assert (result.final_model / "align_gen_model.json").is_file()
+
+
+# Hub ids deleted from the hub, and their maintained copies: no shipped file may name the dead one.
+DEAD_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def test_no_shipped_file_names_a_deleted_hub_model() -> None:
+    shipped = [REPO_ROOT / "README.md", *CONFIGS, *REPO_ROOT.glob("benchmarks/*.*"), *REPO_ROOT.glob("align_gen/**/*.py")]
+    for path in shipped:
+        text = path.read_text()
+        for dead, alive in DEAD_HUB_IDS.items():
+            assert dead not in text, f"{path.relative_to(REPO_ROOT)} names {dead}, deleted from the hub; use {alive}"

@@ -16,7 +16,7 @@ from align_gen.world import shapes
 def test_shipped_names_resolve_to_their_folders_and_others_pass_through() -> None:
     assert Path(world.resolve_shipped("align-gen:world")) == world.WEIGHTS_DIR / "sd"
     assert Path(world.resolve_shipped("align-gen:world-clip")) == world.WEIGHTS_DIR / "clip"
-    for other in ("align-gen:tiny-random-sd", "runwayml/stable-diffusion-v1-5", "/some/folder"):
+    for other in ("align-gen:tiny-random-sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "/some/folder"):
         assert world.resolve_shipped(other) == other
 
 

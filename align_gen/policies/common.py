@@ -406,8 +406,9 @@ class DenoiserPolicy(TrainableWeights):
     # persistence
 
     def save(self, path: str | Path) -> None:
-        """LoRA: diffusers LoRA weights (``pipe.load_lora_weights(path)``); full: a pipeline
-        folder (``<Pipeline>.from_pretrained(path)``). Both with an align_gen_model.json card."""
+        """LoRA: diffusers LoRA weights with their adapter config (``pipe.load_lora_weights(path)``
+        rebuilds the adapter at the trained alpha / rank); full: a pipeline folder
+        (``<Pipeline>.from_pretrained(path)``). Both with an align_gen_model.json card."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         write_model_card(path, self.model_config.pretrained, self.model_config.lora.enabled)
@@ -416,6 +417,12 @@ class DenoiserPolicy(TrainableWeights):
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
-            type(self.pipeline).save_lora_weights(path, **{self.lora_layers_argument: layers})
+            # The adapter's peft config (rank, alpha, targets) rides in the safetensors header,
+            # where load_lora_weights reads it: without it diffusers assumes alpha == rank.
+            metadata_argument = self.lora_layers_argument.replace("_lora_layers", "_lora_adapter_metadata")
+            metadata = self.model.peft_config["default"].to_dict()
+            type(self.pipeline).save_lora_weights(
+                path, **{self.lora_layers_argument: layers, metadata_argument: metadata}
+            )
         else:
             self.pipeline.save_pretrained(path, safe_serialization=True)

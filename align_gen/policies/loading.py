@@ -394,6 +394,9 @@ def load_pipeline(
                 + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_MODELS, *TINY_VLMS, *SHIPPED_MODELS])
             )
         pipeline = BUILTIN_MODELS[name]()
+        for component in pipeline.components.values():  # as from_pretrained leaves them: no dropout
+            if isinstance(component, torch.nn.Module):
+                component.eval()
         return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
     looks_local = pretrained.startswith((".", "/", "~")) or os.path.sep in pretrained.rstrip("/").split("/", 1)[-1]
     if looks_local and not Path(pretrained).expanduser().is_dir():
