@@ -17,6 +17,8 @@ What is guaranteed (see :mod:`align_gen.durable` for the file-level steps):
   then renamed to ``epoch_N``: a folder under its final name is complete.
 - Re-saving an epoch and deleting old checkpoints first rename the folder away
   (``.deleting``), so a kill mid-deletion never leaves a half-deleted ``epoch_N``.
+- A checkpoint whose weights turn out to sample NaN (a diverged update that left finite but
+  broken weights) is renamed ``epoch_N.diverged`` when that is found, out of resume's sight.
 - ``resume: latest`` checks the newest checkpoint against its manifest (sizes and hashes) and
   loads it; a damaged one (truncated file, full disk, bit rot) is skipped with a one-line
   warning and the next older one is tried.
@@ -49,6 +51,7 @@ from align_gen.errors import CheckpointError
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+DIVERGED_SUFFIX = ".diverged"
 _NAME = re.compile(r"epoch_\d{6}")
 
 
@@ -100,6 +103,20 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if _NAME.fullmatch(p.name) and p.is_dir())
+
+
+def set_aside_diverged(output_dir: Path, epoch: int) -> Path | None:
+    """Renames the checkpoint of ``epoch`` (if any) to ``epoch_N.diverged``: its weights were
+    finite but sample NaN. Kept for inspection; resume no longer sees it. Returns the new path."""
+    path = checkpoint_path(output_dir, epoch)
+    if not path.is_dir():
+        return None
+    aside = path.with_name(path.name + DIVERGED_SUFFIX)
+    if aside.exists():
+        remove_tree(aside)
+    os.replace(path, aside)
+    fsync_dir(path.parent)
+    return aside
 
 
 def recover_interrupted(output_dir: Path) -> list[str]:

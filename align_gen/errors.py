@@ -26,5 +26,9 @@ class CheckpointError(AlignGenError):
     """A checkpoint is missing, damaged (does not match its manifest) or unreadable."""
 
 
+class NonFiniteSamplesError(AlignGenError, RuntimeError):
+    """A model's samples (or their log-probs) hold NaN or inf: its weights are broken."""
+
+
 class TrainingDivergedError(AlignGenError, RuntimeError):
-    """The loss, gradients, weights or samples became NaN or infinite; nothing was saved."""
+    """The loss, gradients, weights or samples became NaN or infinite during training."""

@@ -88,7 +88,7 @@ def sample_and_score(
         if start == 0:
             generator = torch.Generator().manual_seed(seeds[seed_index])
         batch = list(prompts[start : start + batch_size])
-        rollout = policy.sample(batch, generator=generator)
+        rollout = policy.sample(batch, generator=generator).check_finite()
         for name, reward in rewards.items():
             values = torch.as_tensor(reward(rollout.images, batch, texts=rollout.texts)).float().flatten().cpu()
             scores[name].append(values)

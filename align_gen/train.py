@@ -21,9 +21,15 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from align_gen.advantages import build_advantage_fn
-from align_gen.checkpoint import save_checkpoint
+from align_gen.checkpoint import save_checkpoint, set_aside_diverged
 from align_gen.config import RunConfig
-from align_gen.errors import ConfigError, RewardError, TrainingDivergedError
+from align_gen.errors import (
+    AlignGenError,
+    ConfigError,
+    NonFiniteSamplesError,
+    RewardError,
+    TrainingDivergedError,
+)
 from align_gen.evaluation import paired_change, score_samples, select_prompts
 from align_gen.monitors import Monitors
 from align_gen.objectives import build_objective
@@ -136,74 +142,79 @@ def train(config: RunConfig) -> TrainResult:
         total=config.epochs,
         disable=not accelerator.is_local_main_process,
     )
-    for epoch in epochs:
-        generator = epoch_generator(config.seed, epoch, accelerator.process_index)
-        torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
-        started = time.perf_counter()
+    updates_done = start_epoch  # the epochs of updates behind the current weights
+    try:
+        for epoch in epochs:
+            generator = epoch_generator(config.seed, epoch, accelerator.process_index)
+            torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
+            started = time.perf_counter()
 
-        # 1. rollouts, no grad
-        rollouts = collect_rollouts(policy, objective, prompts, config, generator, accelerator)
-        sampled = time.perf_counter()
+            # 1. rollouts, no grad
+            rollouts = collect_rollouts(policy, objective, prompts, config, generator, accelerator)
+            sampled = time.perf_counter()
 
-        # 2. rewards, 3. advantages over the global batch
-        rewards = score(reward_fn, rollouts).to(accelerator.device)
-        all_rewards = accelerator.gather(rewards).cpu()
-        all_prompts = gather_object([_prompt_key(prompt) for prompt in rollouts.prompts])
-        all_advantages = advantage_fn(all_prompts, all_rewards)
-        local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
-        rollouts.rewards = rewards
-        rollouts.advantages = all_advantages[local].to(accelerator.device)
+            # 2. rewards, 3. advantages over the global batch
+            rewards = score(reward_fn, rollouts).to(accelerator.device)
+            all_rewards = accelerator.gather(rewards).cpu()
+            all_prompts = gather_object([_prompt_key(prompt) for prompt in rollouts.prompts])
+            all_advantages = advantage_fn(all_prompts, all_rewards)
+            local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
+            rollouts.rewards = rewards
+            rollouts.advantages = all_advantages[local].to(accelerator.device)
 
-        # 3b. over-optimisation monitors, on the weights that drew the rollouts (no grad)
-        monitoring = time.perf_counter()
-        monitor_metrics = monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))
-        monitored = time.perf_counter()
+            # 3b. over-optimisation monitors, on the weights that drew the rollouts (no grad)
+            monitoring = time.perf_counter()
+            monitor_metrics = monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))
+            monitored = time.perf_counter()
 
-        # 4. update (a non-finite loss, gradient or weight stops the run here, before any save)
-        update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
-        check_finite_weights(policy, config, epoch)
-        global_step += steps
-        update_metrics.update(objective.end_epoch(policy, global_step))
-        finished = time.perf_counter()
+            # 4. update (a non-finite loss, gradient or weight stops the run here, before any save)
+            update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
+            check_finite_weights(policy, config, epoch)
+            updates_done = epoch + 1
+            global_step += steps
+            update_metrics.update(objective.end_epoch(policy, global_step))
+            finished = time.perf_counter()
 
-        # 5. log, grids, checkpoints
-        metrics = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std(unbiased=False)),
-            **_reward_term_metrics(reward_fn),
-            **update_metrics,
-            **monitor_metrics,
-            "samples": len(all_rewards),
-            "time_sampling_s": sampled - started,
-            "time_monitors_s": monitored - monitoring,
-            "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
-        }
-        log.log(metrics)
-        epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
-        done = epoch + 1
-        if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
-            grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
-        if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
-            heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
-            monitors.record_heldout(done, heldout)
-        if done % config.save_every == 0 or done == config.epochs:
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    output_dir,
-                    epoch=done,
-                    weights=policy.trainable_state_dict(),
-                    optimizer_state=optimizer.state_dict(),
-                    state={"global_step": global_step, "advantage": advantage_fn.state_dict()},
-                    keep=config.keep_checkpoints,
-                    objective_state=objective.state_dict(),
-                )
-            accelerator.wait_for_everyone()
-    log.close()
-    evaluation_log.close()
+            # 5. log, grids, checkpoints
+            metrics = {
+                "epoch": epoch,
+                "global_step": global_step,
+                "reward_mean": float(all_rewards.mean()),
+                "reward_std": float(all_rewards.std(unbiased=False)),
+                **_reward_term_metrics(reward_fn),
+                **update_metrics,
+                **monitor_metrics,
+                "samples": len(all_rewards),
+                "time_sampling_s": sampled - started,
+                "time_monitors_s": monitored - monitoring,
+                "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
+            }
+            log.log(metrics)
+            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
+            done = epoch + 1
+            if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
+                grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
+            if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
+                heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
+                monitors.record_heldout(done, heldout)
+            if done % config.save_every == 0 or done == config.epochs:
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        output_dir,
+                        epoch=done,
+                        weights=policy.trainable_state_dict(),
+                        optimizer_state=optimizer.state_dict(),
+                        state={"global_step": global_step, "advantage": advantage_fn.state_dict()},
+                        keep=config.keep_checkpoints,
+                        objective_state=objective.state_dict(),
+                    )
+                accelerator.wait_for_everyone()
+        log.close()
+        evaluation_log.close()
 
-    grids.append(_save_grid(policy, grid_prompts, config, output_dir, config.epochs, accelerator))
+        grids.append(_save_grid(policy, grid_prompts, config, output_dir, config.epochs, accelerator))
+    except NonFiniteSamplesError as error:  # finite weights that sample NaN: the training diverged
+        raise _diverged(error, config, output_dir, updates_done, accelerator) from None
     final_model = output_dir / "final"
     curve = output_dir / "learning_curve.png"
     before_after = output_dir / "grids" / "before_after.png"
@@ -254,13 +265,7 @@ def collect_rollouts(
     ):
         batch_prompts = sample_prompts(prompts, config.sample.batch_size, config.sample.samples_per_prompt, generator)
         batches.append(objective.sample(policy, batch_prompts, generator))
-    rollouts = Rollout.concatenate(batches)
-    if not bool(torch.isfinite(rollouts.images).all() & torch.isfinite(rollouts.log_probs).all()):
-        raise TrainingDivergedError(
-            "the policy's samples (or their log-probs) hold NaN or inf. Before any update: the model itself "
-            f"overflows (try model.dtype=float32). After updates: {_divergence_advice(config)}"
-        )
-    return rollouts
+    return Rollout.concatenate(batches).check_finite()
 
 
 @torch.no_grad()
@@ -347,13 +352,27 @@ def check_finite_weights(policy: Policy, config: RunConfig, epoch: int) -> None:
     )
 
 
+def _diverged(
+    error: NonFiniteSamplesError, config: RunConfig, output_dir: Path, updates_done: int, accelerator: Accelerator
+) -> AlignGenError:
+    """The error to stop with when the weights after ``updates_done`` epochs sample NaN; a
+    checkpoint saved with those weights is set aside (``.diverged``), out of resume's reach."""
+    if updates_done == 0:
+        return NonFiniteSamplesError(f"{error} This is the untrained model: try model.dtype=float32.")
+    aside = set_aside_diverged(output_dir, updates_done) if accelerator.is_main_process else None
+    moved = f" Its checkpoint was set aside as {aside}." if aside is not None else ""
+    return TrainingDivergedError(
+        f"after the update of epoch {updates_done - 1}, {error}{moved} {_divergence_advice(config)}"
+    )
+
+
 def _divergence_advice(config: RunConfig) -> str:
     """The rest of a divergence error: what was kept, and the likely cause."""
     precision = "" if config.train.mixed_precision == "no" else f" or train.mixed_precision={config.train.mixed_precision} overflowed"
     return (
         f"Training diverged: train.learning_rate={config.train.learning_rate:g} is likely too high{precision}. "
-        "Nothing of this epoch was saved; lower the learning rate and continue from the last checkpoint with "
-        "resume=latest allow_config_changes=true."
+        "Lower it and continue from the last good checkpoint with resume=latest allow_config_changes=true "
+        "(resume never loads weights set aside as diverged)."
     )
 
 

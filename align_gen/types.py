@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from align_gen.errors import NonFiniteSamplesError
+
 Tensor = torch.Tensor
 
 
@@ -108,6 +110,13 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def check_finite(self) -> Rollout:
+        """Returns the rollout, or raises :class:`~align_gen.errors.NonFiniteSamplesError` when
+        its images or log-probs hold NaN or inf (broken weights; one device read)."""
+        if not bool(torch.isfinite(self.images).all() & torch.isfinite(self.log_probs).all()):
+            raise NonFiniteSamplesError("the model's samples (or their log-probs) hold NaN or inf: its weights are broken.")
+        return self
 
     @property
     def num_steps(self) -> int:

@@ -53,10 +53,11 @@ def sample_grid(policy, prompts: Sequence, seeds: Sequence[int]) -> Image.Image:
     Rows are prompts and columns are seeds; the same (prompt, seed) gives the same noise in
     every call, so grids drawn at different epochs show how the same sample changed. A
     vision-language model's cells are its input images, captioned with question and answer.
+    A sample holding NaN or inf raises :class:`~align_gen.errors.NonFiniteSamplesError`.
     """
     columns, answers = [], []
     for seed in seeds:
-        rollout = policy.sample(list(prompts), generator=torch.Generator().manual_seed(seed))
+        rollout = policy.sample(list(prompts), generator=torch.Generator().manual_seed(seed)).check_finite()
         columns.append(rollout.images.cpu())
         answers.append(rollout.texts)
     images = torch.stack(columns, dim=1).flatten(0, 1)  # (P * S, 3, H, W), row-major by prompt
