@@ -8,6 +8,7 @@ printed as one line on stderr with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -126,9 +127,13 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from align_gen.config import load_config
+
+    config = load_config(args.config, args.overrides)  # before the heavy imports: config errors come fast
+    from align_gen.run_folder import check_output_dir
+
+    check_output_dir(config)
     from align_gen.train import train
 
-    config = load_config(args.config, args.overrides)
     result = train(config)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print()
@@ -163,25 +168,54 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         raise AlignGenError(f"--batch-size must be >= 1, got {args.batch_size}.")
 
 
-def _load_policy(args: argparse.Namespace, model: str | None = None, lora: str | None = None):
-    """The policy of ``model`` (default ``args.model``) with ``lora`` (default ``args.lora``), for
-    sampling with the command's settings. A run's output folder stands for its final/ folder, a
-    run's final/ folder holding LoRA weights for them on the recorded base model, and a run's
-    checkpoint folder for the run's model with the checkpoint's trained weights."""
-    import torch
+@dataclasses.dataclass
+class _ModelSource:
+    """What a MODEL argument names, resolved without loading anything: a model (hub id, folder
+    or built-in) with optional LoRA weights, or a run's checkpoint on the run's base model."""
 
-    from align_gen.config import ModelConfig, SampleConfig
-    from align_gen.policies import build_policy
+    model: str
+    lora: str | None
+    checkpoint: Path | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether it is a vision-language model (its prompts are (image, question) examples)."""
+        from align_gen.policies.loading import is_vlm_source
+
+        return is_vlm_source(self.model)
+
+
+def _resolve_model(model: str, lora: str | None) -> _ModelSource:
+    """A run's output folder stands for its final/ folder, a run's final/ folder holding LoRA
+    weights for them on the recorded base model, and a run's checkpoint folder for the run's
+    model (its config.yaml) with the checkpoint's trained weights."""
+    from align_gen.config import load_config
     from align_gen.policies.weights import MODEL_CARD_FILE
 
-    model, lora = (args.model, args.lora) if model is None else (model, lora)
     if (Path(model) / "final" / MODEL_CARD_FILE).is_file():  # a run's output folder
         model = str(Path(model) / "final")
     card = Path(model) / MODEL_CARD_FILE
     if card.is_file():  # a run's final/ folder: LoRA weights on top of the recorded base model
         description = json.loads(card.read_text())
         if description["kind"] == "lora":
-            model, lora = description["base_model"], lora or model
+            return _ModelSource(description["base_model"], lora or model)
+    checkpoint = Path(model)
+    if (checkpoint / "trainable.safetensors").is_file():
+        config_path = checkpoint.parent.parent / "config.yaml"
+        if not config_path.is_file():
+            raise AlignGenError(f"{checkpoint} looks like a checkpoint but {config_path} (the run's config) is missing.")
+        return _ModelSource(load_config(config_path).model.pretrained, None, checkpoint)
+    return _ModelSource(model, lora)
+
+
+def _load_policy(args: argparse.Namespace, source: _ModelSource):
+    """The policy of ``source``, for sampling with the command's settings."""
+    import torch
+
+    from align_gen.checkpoint import load_checkpoint
+    from align_gen.config import ModelConfig, SampleConfig, load_config
+    from align_gen.policies import build_policy
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sample = SampleConfig(
         num_steps=args.steps,
@@ -190,30 +224,24 @@ def _load_policy(args: argparse.Namespace, model: str | None = None, lora: str |
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
     )
-    if (Path(model) / "trainable.safetensors").is_file():
-        return _load_checkpoint_policy(Path(model), sample, args.dtype, device)
-    return build_policy(
-        ModelConfig(pretrained=model, dtype=args.dtype), sample, device, trainable=False, lora_path=lora
-    )
-
-
-def _load_checkpoint_policy(checkpoint: Path, sample, dtype: str, device: str):
-    """A checkpoint (``<run>/checkpoints/epoch_N``): the run's model (its config.yaml) with the
-    checkpoint's trainable weights (LoRA adapters or the full denoiser)."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from align_gen.config import load_config
-    from align_gen.policies import build_policy
-
-    config_path = checkpoint.parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise AlignGenError(f"{checkpoint} looks like a checkpoint but {config_path} (the run's config) is missing.")
-    run = load_config(config_path)
-    policy = build_policy(dataclasses.replace(run.model, dtype=dtype), sample, device, trainable=True)
-    policy.load_trainable_state_dict(load_file(str(checkpoint / "trainable.safetensors")))
+    if source.checkpoint is None:
+        model_config = ModelConfig(pretrained=source.model, dtype=args.dtype)
+        return build_policy(model_config, sample, device, trainable=False, lora_path=source.lora)
+    run = load_config(source.checkpoint.parent.parent / "config.yaml")
+    weights = load_checkpoint(source.checkpoint).weights  # verified against its manifest
+    policy = build_policy(dataclasses.replace(run.model, dtype=args.dtype), sample, device, trainable=True)
+    policy.load_trainable_state_dict(weights)
     return policy
+
+
+def _check_output(path: str, flag: str, *, is_folder: bool) -> None:
+    """Refuses an output path that a file (or a folder, for a file output) stands in the way of."""
+    from align_gen.durable import file_in_the_way
+
+    blocker = file_in_the_way(Path(path), is_folder=is_folder)
+    if blocker is not None:
+        kind = "a file" if blocker.is_file() else "a folder"
+        raise AlignGenError(f"{flag} {path}: {blocker} is {kind}; choose another {flag}.")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -221,8 +249,10 @@ def _sample(args: argparse.Namespace) -> int:
     from pipelines.grid import sample_grid
 
     _check_sampling_args(args)
-    policy = _load_policy(args)
-    prompts = load_prompts(args.prompts, visual=policy.takes_images)
+    _check_output(args.out, "--out", is_folder=False)
+    source = _resolve_model(args.model, args.lora)
+    prompts = load_prompts(args.prompts, visual=source.takes_images)
+    policy = _load_policy(args, source)
     image = sample_grid(policy, prompts, args.seeds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
@@ -239,6 +269,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _check_sampling_args(args)
     model, run_dir = _evaluation_model(args)
+    _check_output(args.out, "--out", is_folder=not args.out.endswith(".json"))
+    sources = {"A": _resolve_model(model, args.lora)}
+    if args.compare is not None:
+        sources["B"] = _resolve_model(args.compare, args.compare_lora)
+    visual = {role: source.takes_images for role, source in sources.items()}
+    if len(set(visual.values())) > 1:
+        raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
+    prompts = select_prompts(load_prompts(args.prompts, visual=visual["A"]), args.num_prompts)
+    shown = select_prompts(range(len(prompts)), args.grid_prompts) if args.grid_prompts > 0 else []
     rewards = _evaluation_rewards(args)
     settings = {
         "prompts": args.prompts,
@@ -250,17 +289,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         "run": None if run_dir is None else str(run_dir),
     }
     models: list[EvaluatedModel] = []
-    prompts, shown, visual = None, [], None
-    for role, name, lora in (("A", model, args.lora), ("B", args.compare, args.compare_lora)):
-        if name is None:
-            continue
-        policy = _load_policy(args, name, lora)
-        if prompts is None:
-            visual = policy.takes_images
-            prompts = select_prompts(load_prompts(args.prompts, visual=visual), args.num_prompts)
-            shown = select_prompts(range(len(prompts)), args.grid_prompts) if args.grid_prompts > 0 else []
-        elif policy.takes_images != visual:
-            raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
+    for (role, source), (name, lora) in zip(
+        sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
+    ):
+        policy = _load_policy(args, source)
         samples = sample_and_score(policy, rewards, prompts, args.seeds, args.batch_size, keep_prompts=shown,
                                    keep_seeds=min(len(args.seeds), 4), desc=f"evaluating {role}")
         models.append(EvaluatedModel(role, name, lora, samples))
@@ -295,8 +327,12 @@ def _make_pairs(args: argparse.Namespace) -> int:
     judges = _evaluation_rewards(args)
     if len(judges) != 1:
         raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(judges)}.")
-    policy = _load_policy(args)
+    _check_output(args.out, "--out", is_folder=True)
+    source = _resolve_model(args.model, args.lora)
+    if source.takes_images:
+        raise AlignGenError("make-pairs draws images: give a text-to-image model, not a vision-language model.")
     prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
+    policy = _load_policy(args, source)
     (judge,) = judges.values()
     path = make_pairs(policy, judge, prompts, args.out, candidates=args.candidates, seed=args.seed,
                       prompts_per_batch=args.batch_size)

@@ -115,6 +115,16 @@ class TrainConfig:
     steps_per_forward: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast mode
 
+    def __post_init__(self) -> None:
+        # What torch.optim.AdamW would reject at its first step, refused before any model loads.
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.adam_epsilon < 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"train.adam_epsilon and train.weight_decay must be >= 0, got {self.adam_epsilon!r} and {self.weight_decay!r}."
+            )
+
 
 @dataclasses.dataclass
 class RewardConfig:

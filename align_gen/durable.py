@@ -5,6 +5,9 @@ then renamed over the target (a rename within one folder is atomic on POSIX file
 the folder is fsync'd so the rename itself is on disk. A folder is removed by first renaming it
 to a name no reader looks at, so a kill half-way through a deletion never leaves a folder that
 looks complete.
+
+Reading goes the other way: a user's text file that is not UTF-8 is one clear error
+(:func:`read_user_text`), not a decoding traceback.
 """
 
 from __future__ import annotations
@@ -76,3 +79,33 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_user_text(path: Path) -> str:
+    """The contents of a user's text file (prompts, captions, metadata), which must be UTF-8.
+
+    Raises:
+        ConfigError: the file is not UTF-8; the message gives the first bad byte's offset.
+    """
+    from align_gen.errors import ConfigError
+
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8."
+        ) from None
+
+
+def file_in_the_way(path: Path, *, is_folder: bool) -> Path | None:
+    """The existing file that stops ``path`` from being written: a parent folder that is a file,
+    or ``path`` itself when it should be a folder (``is_folder``) but is a file, or should be a
+    file but is a folder. None when nothing is in the way."""
+    path = Path(path)
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    if path.exists() and path.is_dir() != is_folder:
+        return path
+    return None

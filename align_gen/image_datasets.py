@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align_gen.durable import read_user_text
 from align_gen.errors import ConfigError
 from align_gen.types import VisualPrompt
 
@@ -150,7 +151,7 @@ def is_image_dataset_source(source: str) -> bool:
     if path.is_dir():
         return True
     if path.suffix == ".jsonl" and path.is_file():
-        first = next((line for line in path.read_text().splitlines() if line.strip()), "")
+        first = next((line for line in read_user_text(path).splitlines() if line.strip()), "")
         try:
             return "image" in json.loads(first)
         except (json.JSONDecodeError, TypeError):
@@ -200,7 +201,7 @@ def _file_opener(path: Path) -> ImageSource:
 
 def _load_jsonl(path: Path) -> PromptImageDataset:
     prompts, sources, answers = [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -221,7 +222,7 @@ def _load_folder(folder: Path) -> PromptImageDataset:
     metadata = folder / "metadata.jsonl"
     prompts, sources, answers = [], [], []
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_user_text(metadata).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -243,7 +244,7 @@ def _load_folder(folder: Path) -> PromptImageDataset:
         caption = image.with_suffix(".txt")
         if not caption.is_file():
             raise ConfigError(f"{image} has no caption file {caption.name} (or give the folder a metadata.jsonl).")
-        prompts.append(caption.read_text().strip())
+        prompts.append(read_user_text(caption).strip())
         sources.append(_file_opener(image))
     return PromptImageDataset(prompts, sources, str(folder))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from align_gen.durable import read_user_text
 from align_gen.errors import ConfigError
 from align_gen.image_datasets import WORLD_PREFIX, is_image_dataset_source, load_image_dataset
 from align_gen.types import VisualPrompt
@@ -72,7 +73,7 @@ def load_prompts(
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(f"prompts file not found: {source}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in read_user_text(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(lines, start=1):

@@ -9,8 +9,8 @@
 - the config is compared with the one the run last used: changes that only extend or observe the
   run (``epochs``, checkpoints kept, grids, evaluation, monitors) are shown and accepted, changes
   that alter what is trained are refused unless ``allow_config_changes: true``;
-- every config the run has used is kept: ``config.yaml`` is the current one and
-  ``config_history/epoch_NNNNNN.yaml`` the one that ran from epoch NNNNNN on.
+- every config the run has used is kept (:func:`record_config`): ``config.yaml`` is the current
+  one and ``config_history/epoch_NNNNNN.yaml`` the one that ran from epoch NNNNNN on.
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ import yaml
 
 from align_gen.checkpoint import CHECKPOINT_DIR, Checkpoint, recover_interrupted, resume_checkpoint
 from align_gen.config import RunConfig, to_dict
-from align_gen.durable import remove_tree, write_atomic
+from align_gen.durable import file_in_the_way, remove_tree, write_atomic
 from align_gen.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 CONFIG_HISTORY_DIR = "config_history"
 
-# What a run writes into its folder; any of these present means the folder holds a run.
+# What a run writes into its folder besides its configs; any of these means the folder holds a run.
 RUN_OUTPUTS = (
-    CONFIG_FILE,
-    CONFIG_HISTORY_DIR,
     "metrics.jsonl",
     "evaluation.jsonl",
     CHECKPOINT_DIR,
@@ -54,6 +52,10 @@ def existing_outputs(output_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
 
 
+def _existing_configs(output_dir: Path) -> list[str]:
+    return [name for name in (CONFIG_FILE, CONFIG_HISTORY_DIR) if (output_dir / name).exists()]
+
+
 def check_output_dir(config: RunConfig) -> None:
     """Refuses an output_dir that cannot hold a run or that holds one the config would replace.
 
@@ -62,9 +64,9 @@ def check_output_dir(config: RunConfig) -> None:
             ``resume`` nor ``overwrite`` says what to do with it.
     """
     output_dir = Path(config.output_dir)
-    for folder in (output_dir, *output_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"output_dir={config.output_dir}: {folder} is a file, not a folder; choose another output_dir.")
+    blocker = file_in_the_way(output_dir, is_folder=True)
+    if blocker is not None:
+        raise ConfigError(f"output_dir={config.output_dir}: {blocker} is a file, not a folder; choose another output_dir.")
     if config.overwrite and config.resume is not None:
         raise ConfigError("overwrite=true replaces the run in output_dir, resume continues it: give one of them.")
     found = existing_outputs(output_dir)
@@ -77,7 +79,8 @@ def check_output_dir(config: RunConfig) -> None:
 
 
 def open_run(config: RunConfig, *, is_main: bool, barrier: Callable[[], None], say: Callable[[str], None]) -> Checkpoint | None:
-    """Prepares ``config.output_dir`` for the run and returns the checkpoint to resume from.
+    """Checks ``config.output_dir`` for the run and returns the checkpoint to resume from; writes
+    nothing but what ``overwrite`` deletes and what a kill left half-done.
 
     ``is_main``: this process writes to the folder; ``barrier`` waits for every process;
     ``say`` prints on the main process.
@@ -92,19 +95,49 @@ def open_run(config: RunConfig, *, is_main: bool, barrier: Callable[[], None], s
     barrier()
     checkpoint = resume_checkpoint(config.resume, output_dir, say if is_main else lambda _: None)
     start_epoch = 0 if checkpoint is None else int(checkpoint.state["epoch"])
+    if checkpoint is not None:
+        _check_training_mode(checkpoint, config)
     if config.resume is not None and checkpoint is None and existing_outputs(output_dir):
         say(f"{output_dir} has no valid checkpoint yet: the run starts again from epoch 0.")
-    previous = _previous_config(output_dir)
+    previous = _previous_config(output_dir) if config.resume is not None else None
     if previous is not None:
         _check_changes(previous, to_dict(config), start_epoch, config.allow_config_changes, say)
-    if is_main:
-        _record_config(config, output_dir, start_epoch, changed=previous != _comparable(to_dict(config)))
-    barrier()
     return checkpoint
 
 
+def _check_training_mode(checkpoint: Checkpoint, config: RunConfig) -> None:
+    """Refuses to resume LoRA adapters as a full fine-tune, or the reverse."""
+    holds_lora = any(".lora_A." in name or ".lora_B." in name for name in checkpoint.weights)
+    if holds_lora != config.model.lora.enabled:
+        saved, asked = ("LoRA adapters", "a full fine-tune") if holds_lora else ("a full fine-tune", "LoRA adapters")
+        raise ConfigError(
+            f"{checkpoint.path} holds {saved}, but model.lora.enabled={str(config.model.lora.enabled).lower()} "
+            f"asks for {asked}; resume with model.lora.enabled={str(holds_lora).lower()}, or start a new run."
+        )
+
+
+def record_config(config: RunConfig, start_epoch: int) -> None:
+    """Writes config.yaml (the current config) and, when it differs from the last one the run
+    used, ``config_history/epoch_<start_epoch>.yaml``. Called once the run is set up, before
+    its first output: a run that fails to start leaves no config behind."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    history = output_dir / CONFIG_HISTORY_DIR
+    if config.resume is None:  # a fresh run: configs of an earlier start that produced nothing go
+        if history.is_dir():
+            remove_tree(history)
+        previous = None
+    else:
+        previous = _previous_config(output_dir)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    history.mkdir(exist_ok=True)
+    if previous != _comparable(to_dict(config)) or not any(history.iterdir()):
+        write_atomic(history / f"epoch_{start_epoch:06d}.yaml", text)
+    write_atomic(output_dir / CONFIG_FILE, text)
+
+
 def _delete_run(output_dir: Path, say: Callable[[str], None]) -> None:
-    found = existing_outputs(output_dir)
+    found = existing_outputs(output_dir) + _existing_configs(output_dir)
     for name in found:
         path = output_dir / name
         remove_tree(path) if path.is_dir() else path.unlink()
@@ -162,15 +195,3 @@ def _check_changes(
         )
     for line in described:
         say(f"config change from epoch {start_epoch}: {line}")
-
-
-def _record_config(config: RunConfig, output_dir: Path, start_epoch: int, changed: bool) -> None:
-    """Writes config.yaml and, when this config differs from the last one, its history entry."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    history = output_dir / CONFIG_HISTORY_DIR
-    history.mkdir(exist_ok=True)
-    if changed or not any(history.iterdir()):
-        write_atomic(history / f"epoch_{start_epoch:06d}.yaml", text)
-    write_atomic(output_dir / CONFIG_FILE, text)
-

@@ -38,7 +38,7 @@ from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
 from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
-from align_gen.run_folder import open_run
+from align_gen.run_folder import open_run, record_config
 from align_gen.tracking import (
     EVALUATION_FILE,
     METRICS_FILE,
@@ -127,6 +127,8 @@ def train(config: RunConfig) -> TrainResult:
         epoch_key="epochs_done",
         tensorboard_prefix="evaluation/",
     )
+    if accelerator.is_main_process:
+        record_config(config, start_epoch)
     grids = []
     if start_epoch == 0:
         grids.append(_save_grid(policy, grid_prompts, config, output_dir, 0, accelerator))

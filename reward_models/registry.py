@@ -12,18 +12,22 @@ Every reward is a callable object with a ``name`` and one signature::
 ``images`` are a diffusion policy's samples, or a vision-language policy's input images;
 ``texts`` are a vision-language policy's generated answers (None for diffusion). Image rewards
 ignore ``texts``; text rewards (``needs_texts = True``) score them and raise ``RewardError`` when
-they are None. The scores come back on the images' device. A reward is found by registry name
-(``get_reward("aesthetic")``) or by a ``"package.module:attr"`` spec naming a reward class, a
-factory, or a plain function of ``(images, prompts)`` or ``(images, prompts, texts)``.
-``build_reward`` turns the ``weights`` / ``options`` of a config into one callable (a
-``WeightedSum`` when there are several terms).
+they are None. The scores come back on the images' device. ``build_reward`` turns the
+``weights`` / ``options`` of a config into one callable (a ``WeightedSum`` when there are
+several terms).
+
+Configs are data: a reward is found only by name, never by importing what a config names. A
+name is one registered in Python (``@register_reward("name")`` on a reward class, a factory, or
+a plain function of ``(images, prompts)`` or ``(images, prompts, texts)``) or declared by an
+installed package as an entry point of the group ``align_gen.rewards`` (imported only when its
+name is asked for; installing the package is the user's decision to run its code).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
+from importlib.metadata import entry_points
 import math
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -264,15 +268,24 @@ def _registry_listing() -> str:
     return listing
 
 
-def _import_spec(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
+ENTRY_POINT_GROUP = "align_gen.rewards"
+
+
+def _declared_rewards() -> dict[str, Any]:
+    """{name: entry point} of the rewards installed packages declare (group ``align_gen.rewards``)."""
+    return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_declared(name: str) -> Callable[..., Any] | None:
+    """The reward an installed package declares under ``name`` (imported now), or None."""
+    point = _declared_rewards().get(name)
+    if point is None:
+        return None
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
-    if not hasattr(module, attr):
-        raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)
+        factory = point.load()
+    except Exception as err:  # noqa: BLE001 - any failure of the plugin's import is the plugin's
+        raise RewardError(f"reward {name!r}: its entry point {point.value!r} failed to load: {err}") from err
+    return register_reward(name)(factory)
 
 
 def _is_plain_reward_function(obj: Any) -> bool:
@@ -311,20 +324,24 @@ def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: s
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:
-    """A reward by registry name or ``"package.module:attr"`` spec, built with ``options``."""
+    """A reward by registered or declared name (see the module docstring), built with ``options``."""
     if ":" in name:
-        target = _import_spec(name)
-        if not options and _is_plain_reward_function(target):
-            return FunctionReward(target, name)
-    elif name in _REGISTRY:
-        target = _REGISTRY[name]
-    else:
-        close = difflib.get_close_matches(name, available_rewards(), n=1)
+        raise RewardError(
+            f"reward {name!r} looks like a 'module:function' spec, and configs cannot import code. Register "
+            "the reward in Python (@reward_models.register_reward('NAME')) or declare it as an "
+            f"'{ENTRY_POINT_GROUP}' entry point of an installed package, then name it."
+        )
+    target = _REGISTRY.get(name) or _load_declared(name)
+    if target is None:
+        names = sorted({*available_rewards(), *_declared_rewards()})
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise RewardError(
-            f"unknown reward {name!r}; {_registry_listing()}; "
-            f"or a 'package.module:attr' spec.{hint}"
+            f"unknown reward {name!r}; {_registry_listing()}; your own: register_reward or an "
+            f"'{ENTRY_POINT_GROUP}' entry point.{hint}"
         )
+    if not options and _is_plain_reward_function(target):
+        return FunctionReward(target, name)
     reward = _call_factory(target, options, name)
     if not callable(reward):
         raise RewardError(f"reward {name!r} built a {type(reward).__name__}, which is not callable")
@@ -336,7 +353,7 @@ def get_reward(name: str, **options: Any) -> RewardFn:
 def build_reward(
     weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None
 ) -> RewardFn:
-    """One callable for ``weights`` ({reward name or spec: weight}) with per-reward ``options``.
+    """One callable for ``weights`` ({reward name: weight}) with per-reward ``options``.
 
     One term of weight 1 gives that reward itself; anything else gives a ``WeightedSum``.
     """

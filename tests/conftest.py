@@ -56,3 +56,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def register_test_reward(monkeypatch):
+    """``reward_models.register_reward``, on a copy of the registry that this test alone sees."""
+    from reward_models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry.register_reward

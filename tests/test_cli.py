@@ -25,7 +25,7 @@ TINY_CONFIG = (
     Path(__file__).resolve().parents[1] / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
 )
 MODEL = "align-gen:tiny-random-sd"
-NAN_MODULE = "align_gen_test_nan_reward"
+NAN_REWARD = "test_nan_reward"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -85,19 +85,14 @@ def empty_prompt_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def nan_reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """An importable module whose plain function ``nan_reward`` returns NaN for every image."""
-    folder = tmp_path / "user_rewards"
-    folder.mkdir()
-    (folder / f"{NAN_MODULE}.py").write_text(
-        "import torch\n\n\n"
-        "def nan_reward(images, prompts):\n"
-        "    return torch.full((images.shape[0],), float('nan'))\n"
-    )
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, NAN_MODULE, raising=False)
-    yield NAN_MODULE
-    sys.modules.pop(NAN_MODULE, None)
+def nan_reward(register_test_reward) -> str:
+    """A reward registered in Python (the declared way in) that returns NaN for every image."""
+
+    @register_test_reward(NAN_REWARD)
+    def nan_reward(images, prompts):
+        return torch.full((images.shape[0],), float("nan"))
+
+    return NAN_REWARD
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def test_train_invalid_yaml_is_one_line(capsys: pytest.CaptureFixture[str], tmp_
         ("reward.weights={}", ["reward weights are empty"]),
         (
             "reward.weights={'no_such_module_xyz:fn': 1.0}",
-            ["cannot import module 'no_such_module_xyz'"],
+            ["'no_such_module_xyz:fn' looks like a 'module:function' spec", "entry point"],
         ),
     ],
     ids=[
@@ -175,7 +170,7 @@ def test_train_invalid_yaml_is_one_line(capsys: pytest.CaptureFixture[str], tmp_
         "unknown-builtin-prompts",
         "unknown-reward",
         "no-reward",
-        "unimportable-reward",
+        "module-spec-reward",
     ],
 )
 def test_train_input_errors(
@@ -205,14 +200,13 @@ def test_train_bad_jsonl_line(capsys: pytest.CaptureFixture[str], tmp_path: Path
 def test_train_nan_reward_stops_the_run(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
-    nan_reward_module: str,
+    nan_reward: str,
     tiny_train_overrides: list[str],
 ) -> None:
-    spec = f"{nan_reward_module}:nan_reward"
     code, _, err = run(
-        capsys, *train_args(tmp_path, *tiny_train_overrides, f'reward.weights={{"{spec}": 1.0}}')
+        capsys, *train_args(tmp_path, *tiny_train_overrides, f'reward.weights={{"{nan_reward}": 1.0}}')
     )
-    assert_error_line_after_progress(code, err, "train", spec, "NaN", "2 of 2")
+    assert_error_line_after_progress(code, err, "train", nan_reward, "NaN", "2 of 2")
     assert not (tmp_path / "run" / "final").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -456,12 +450,113 @@ def test_console_script_error_exits_2_without_traceback(tmp_path: Path) -> None:
     assert_one_line_error(result.returncode, result.stderr, "evaluate", "unknown reward 'nope'")
 
 
-def test_nan_module_fixture_is_a_real_reward(nan_reward_module: str) -> None:
-    """The NaN test above fails for the right reason: the spec resolves to our function, and the
-    registry's output check (not an import error) is what rejects it."""
+def test_nan_reward_fixture_is_a_real_reward(nan_reward: str) -> None:
+    """The NaN test above fails for the right reason: the name resolves to our function, and the
+    registry's output check is what rejects it."""
     from align_gen.errors import RewardError
     from reward_models import build_reward
 
-    reward = build_reward({f"{nan_reward_module}:nan_reward": 1.0})
+    reward = build_reward({nan_reward: 1.0})
     with pytest.raises(RewardError, match="returned NaN or inf for 2 of 2 images"):
         reward(torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, before any model loads
+
+
+@pytest.fixture
+def latin1_prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts_latin1.txt"
+    path.write_bytes("a red café\n".encode("latin-1"))
+    return path
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, latin1_prompt_file: Path
+) -> None:
+    code, _, err = run(capsys, *train_args(tmp_path, f"prompts.source={latin1_prompt_file}"))
+    assert_one_line_error(code, err, "train", f"{latin1_prompt_file} is not UTF-8 text (byte 0xe9 at offset 9)")
+    code, _, err = run(capsys, f"sample {MODEL} --prompts {latin1_prompt_file} --out {tmp_path / 'g.png'}")
+    assert_one_line_error(code, err, "sample", "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate-folder", "evaluate-json"])
+def test_an_output_path_under_a_file_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path, command: str
+) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a user's file")
+    out = {"sample": blocker / "g.png", "evaluate-folder": blocker / "eval", "evaluate-json": blocker / "e.json"}[command]
+    verb = command.split("-")[0]
+    rewards = "--reward jpeg_compressibility " if verb == "evaluate" else ""
+    code, _, err = run(capsys, f"{verb} {MODEL} {rewards}--prompts {prompt_file} --out {out}")
+    assert_one_line_error(code, err, verb, f"{blocker} is a file")
+    assert blocker.read_text() == "a user's file"
+
+
+def test_sample_out_that_is_a_folder_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path) -> None:
+    code, _, err = run(capsys, f"sample {MODEL} --prompts {prompt_file} --out {tmp_path}")
+    assert_one_line_error(code, err, "sample", f"{tmp_path} is a folder")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.adam_beta1=2", "train.adam_beta1 must be in [0, 1), got 2.0"),
+        ("train.adam_beta2=1", "train.adam_beta2 must be in [0, 1)"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+        ("sample.resolution=33", "sample.resolution=33 does not fit this model: image sides must be a positive multiple of 2"),
+    ],
+)
+def test_values_the_optimizer_or_model_would_reject_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, override: str, fragment: str
+) -> None:
+    code, _, err = run(capsys, *train_args(tmp_path, override))
+    assert_one_line_error(code, err, "train", fragment)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_resuming_with_the_other_training_mode_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_train_overrides: list[str]
+) -> None:
+    assert run(capsys, *train_args(tmp_path, *tiny_train_overrides, "model.lora.enabled=false"))[0] == 0
+    code, _, err = run(
+        capsys,
+        *train_args(tmp_path, *tiny_train_overrides, "epochs=2", "resume=latest", "model.lora.enabled=true",
+                    "allow_config_changes=true"),
+    )
+    assert_one_line_error(code, err, "train", "holds a full fine-tune, but model.lora.enabled=true")
+
+
+def test_a_missing_hub_diffusion_model_is_named_a_diffusion_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, *train_args(tmp_path, "model.pretrained=nobody/not-a-cached-model"))
+    line = assert_error_line_after_progress(code, err, "train", "cannot load the diffusion model 'nobody/not-a-cached-model'")
+    assert "vision-language" not in line
+
+
+def test_a_config_naming_code_to_run_is_refused_and_nothing_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A downloaded config cannot execute code: `os:system` is not a reward name."""
+    marker = tmp_path / "pwned"
+    config = tmp_path / "downloaded.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        f'reward:\n  weights: {{"os:system": 1.0}}\n  options: {{"os:system": {{command: "touch {marker}"}}}}\n'
+    )
+    code, _, err = run(capsys, "train", config)
+    assert_error_line_after_progress(code, err, "train", "'os:system' looks like a 'module:function' spec")
+    assert not marker.exists()
+
+
+def test_config_errors_come_before_the_model_libraries_load(tmp_path: Path) -> None:
+    """A bad config is reported without importing diffusers, transformers or accelerate (their
+    import is what made such errors take tens of seconds on a cold machine)."""
+    script = (
+        "import sys\n"
+        "from align_gen.cli import main\n"
+        f"code = main(['train', {str(TINY_CONFIG)!r}, 'train.learning_rat=1'])\n"
+        "print(code, sorted(m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=command_env(),
+                            cwd=tmp_path, timeout=120)
+    assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr

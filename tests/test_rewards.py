@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from reward_models import (
     AestheticHead,
     AestheticScore,
     ClipScore,
-    JpegCompressibility,
     WeightedSum,
     available_rewards,
     build_reward,
@@ -112,39 +112,74 @@ def test_unknown_option_is_config_error_naming_it() -> None:
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    (tmp_path / "align_gen_user_rewards.py").write_text(
-        "def brightness(images, prompts):\n"
-        "    return images.mean(dim=(1, 2, 3))\n"
-        "def make_scaled(scale=1.0):\n"
-        "    return lambda images, prompts: scale * images.mean(dim=(1, 2, 3))\n"
-        "def nan_reward(images, prompts):\n"
-        "    return images.mean(dim=(1, 2, 3)) * float('nan')\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "align_gen_user_rewards"
+def user_rewards(register_test_reward) -> str:
+    """A plain function, a factory and a NaN reward registered in Python; their name prefix."""
+
+    def brightness(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    def make_scaled(scale=1.0):
+        return lambda images, prompts: scale * images.mean(dim=(1, 2, 3))
+
+    def nan_reward(images, prompts):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+    for function in (brightness, make_scaled, nan_reward):
+        register_test_reward(f"user_{function.__name__}")(function)
+    return "user_"
 
 
-def test_module_spec_function_factory_and_class(user_module: str, images: torch.Tensor) -> None:
-    plain = get_reward(f"{user_module}:brightness")
-    assert plain.name == f"{user_module}:brightness"
+def test_registered_function_and_factory(user_rewards: str, images: torch.Tensor) -> None:
+    plain = get_reward(f"{user_rewards}brightness")
+    assert plain.name == f"{user_rewards}brightness"
     torch.testing.assert_close(plain(images, PROMPTS), images.mean(dim=(1, 2, 3)))
-    scaled = get_reward(f"{user_module}:make_scaled", scale=3.0)
+    scaled = get_reward(f"{user_rewards}make_scaled", scale=3.0)
     torch.testing.assert_close(scaled(images, PROMPTS), 3 * images.mean(dim=(1, 2, 3)))
-    jpeg = get_reward("reward_models.jpeg:JpegCompressibility", quality=50)
-    assert isinstance(jpeg, JpegCompressibility) and jpeg.quality == 50
-    with pytest.raises(RewardError, match="no attribute 'missing'"):
-        get_reward(f"{user_module}:missing")
     with pytest.raises(RewardError, match="NaN"):
-        get_reward(f"{user_module}:nan_reward")(images, PROMPTS)
+        get_reward(f"{user_rewards}nan_reward")(images, PROMPTS)
+
+
+def test_a_module_spec_is_refused_without_importing_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configs are data: 'module:function' names nothing, and the module is never imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "align_gen_side_effect.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="looks like a 'module:function' spec.*align_gen.rewards"):
+        get_reward("align_gen_side_effect:anything")
+    with pytest.raises(RewardError, match="'os:system' looks like"):
+        build_reward({"os:system": 1.0}, {"os:system": {"command": f"touch {marker}"}})
+    assert not marker.exists()
+
+
+def test_an_installed_package_declares_a_reward_by_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_test_reward, images: torch.Tensor
+) -> None:
+    """A package's ``align_gen.rewards`` entry point (here a real dist-info on sys.path) makes
+    its name usable in a config; its module is imported only when that name is asked for."""
+    (tmp_path / "align_gen_plugin_rewards.py").write_text(
+        "def darkness(images, prompts):\n    return 1 - images.mean(dim=(1, 2, 3))\n"
+    )
+    dist_info = tmp_path / "align_gen_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: align-gen-plugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[align_gen.rewards]\ndarkness = align_gen_plugin_rewards:darkness\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "align_gen_plugin_rewards", raising=False)
+
+    with pytest.raises(RewardError, match="Did you mean 'darkness'"):
+        get_reward("darknes")
+    assert "align_gen_plugin_rewards" not in sys.modules
+    reward = build_reward({"darkness": 2.0, "jpeg_compressibility": 1.0})
+    reward(images, PROMPTS)
+    torch.testing.assert_close(reward.last_terms["darkness"], 1 - images.mean(dim=(1, 2, 3)))
 
 
 def test_build_reward_weighted_sum_matches_hand_computation(
-    user_module: str, images: torch.Tensor
+    user_rewards: str, images: torch.Tensor
 ) -> None:
-    spec = f"{user_module}:brightness"
+    name = f"{user_rewards}brightness"
     reward = build_reward(
-        {"jpeg_compressibility": 0.5, spec: 2.0}, {"jpeg_compressibility": {"quality": 80}}
+        {"jpeg_compressibility": 0.5, name: 2.0}, {"jpeg_compressibility": {"quality": 80}}
     )
     assert isinstance(reward, WeightedSum)
     scores = reward(images, PROMPTS)
@@ -153,7 +188,7 @@ def test_build_reward_weighted_sum_matches_hand_computation(
     brightness = images.mean(dim=(1, 2, 3))
     torch.testing.assert_close(scores, 0.5 * -jpeg_kb + 2.0 * brightness)
     torch.testing.assert_close(reward.last_terms["jpeg_compressibility"], -jpeg_kb)
-    torch.testing.assert_close(reward.last_terms[spec], brightness)
+    torch.testing.assert_close(reward.last_terms[name], brightness)
 
 
 def test_build_reward_single_term_and_errors(images: torch.Tensor) -> None:

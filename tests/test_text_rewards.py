@@ -198,40 +198,42 @@ def test_weighted_sum_passes_texts_to_every_term(images: torch.Tensor) -> None:
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    (tmp_path / "align_gen_user_text_rewards.py").write_text(
-        "import torch\n"
-        "def brevity(images, prompts, texts):\n"
-        "    return -torch.tensor([float(len(t)) for t in texts])\n"
-        "def optional_texts(images, prompts, *, texts=None):\n"
-        "    n = images.shape[0]\n"
-        "    return torch.full((n,), -1.0) if texts is None else torch.ones(n)\n"
-        "def scaled(images, prompts, scale=2.0):\n"
-        "    return scale * images.mean(dim=(1, 2, 3))\n"
-        "def make_brevity(weight=1.0):\n"
-        "    return lambda images, prompts, texts: -weight * torch.tensor([1.0 * len(texts[0])])\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "align_gen_user_text_rewards"
+def user_rewards(register_test_reward) -> str:
+    """Plain functions and a factory registered in Python; returns their name prefix."""
+
+    def brevity(images, prompts, texts):
+        return -torch.tensor([float(len(t)) for t in texts])
+
+    def optional_texts(images, prompts, *, texts=None):
+        n = images.shape[0]
+        return torch.full((n,), -1.0) if texts is None else torch.ones(n)
+
+    def scaled(images, prompts, scale=2.0):
+        return scale * images.mean(dim=(1, 2, 3))
+
+    def make_brevity(weight=1.0):
+        return lambda images, prompts, texts: -weight * torch.tensor([1.0 * len(texts[0])])
+
+    for function in (brevity, optional_texts, scaled, make_brevity):
+        register_test_reward(f"user_{function.__name__}")(function)
+    return "user_"
 
 
-def test_function_reward_of_three_arguments_gets_texts(
-    user_module: str, images: torch.Tensor
-) -> None:
-    brevity = get_reward(f"{user_module}:brevity")
+def test_function_reward_of_three_arguments_gets_texts(user_rewards: str, images: torch.Tensor) -> None:
+    brevity = get_reward(f"{user_rewards}brevity")
     assert isinstance(brevity, FunctionReward) and brevity.needs_texts
     lengths = torch.tensor([float(len(t)) for t in TEXTS])  # 15, 13, 3
     torch.testing.assert_close(brevity(images, PROMPTS, texts=TEXTS), -lengths)
-    with pytest.raises(RewardError, match=f"{user_module}:brevity scores generated texts"):
+    with pytest.raises(RewardError, match=f"{user_rewards}brevity scores generated texts"):
         brevity(images, PROMPTS)
-    optional = get_reward(f"{user_module}:optional_texts")
+    optional = get_reward(f"{user_rewards}optional_texts")
     assert not optional.needs_texts  # texts has a default: the function decides
     torch.testing.assert_close(optional(images, PROMPTS), torch.full((3,), -1.0))
     torch.testing.assert_close(optional(images, PROMPTS, texts=TEXTS), torch.ones(3))
     # A third positional parameter with a default and another name is not texts.
-    scaled = get_reward(f"{user_module}:scaled")
+    scaled = get_reward(f"{user_rewards}scaled")
     torch.testing.assert_close(scaled(images, PROMPTS, texts=TEXTS), 2 * images.mean((1, 2, 3)))
-    factory = get_reward(f"{user_module}:make_brevity", weight=0.5)  # returns a text function
+    factory = get_reward(f"{user_rewards}make_brevity", weight=0.5)  # returns a text function
     assert factory.needs_texts
     torch.testing.assert_close(
         factory(images[:1], PROMPTS[:1], texts=["abcd"]), torch.tensor([-2.0])

@@ -111,3 +111,26 @@ def test_shipped_world_model_draws_what_its_prompts_say() -> None:
     prompts = shapes.all_captions("heldout")[::6]
     quality = prompt_alignment(policy.pipeline, clip_model, clip_tokenizer, prompts, seeds=[0, 1])
     assert quality["matched"] > quality["shuffled"] + SHIPPED_ALIGNMENT_MARGIN, quality
+
+
+class _Payload:
+    """Unpickling this runs code: it touches ``marker`` (what a malicious file would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_stage_checkpoint_is_loaded_safely(tmp_path: Path) -> None:
+    """A resumed build loads its stage checkpoint with weights_only: a pickle that would run
+    code is refused with one clear error, and the code never runs."""
+    from align_gen.errors import AlignGenError
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "out" / ".build").mkdir(parents=True)
+    torch.save({"model": _Payload(marker), "step": 1}, tmp_path / "out" / ".build" / "clip.pt")
+    with pytest.raises(AlignGenError, match="clip.pt is not a world-build checkpoint of tensors"):
+        build_world(tmp_path / "out", WorldBuildConfig().quick(), ("clip",))
+    assert not marker.exists()

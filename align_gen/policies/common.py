@@ -174,6 +174,18 @@ class DenoiserPolicy(TrainableWeights):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be a multiple of this: the VAE's factor times the denoiser's patch."""
+        return self.vae_scale_factor * (getattr(self.model.config, "patch_size", None) or 1)
+
+    def _check_resolution(self) -> None:
+        if self.resolution <= 0 or self.resolution % self.latent_multiple:
+            raise ConfigError(
+                f"sample.resolution={self.resolution} does not fit this model: image sides must be a positive "
+                f"multiple of {self.latent_multiple} (its VAE's downsampling factor x its denoiser's patch size)."
+            )
+
     # ----------------------------------------------------------------------------------------
     # the ends of sampling
 

@@ -71,6 +71,7 @@ class DiffusionPolicy(DenoiserPolicy):
         # conv_in is never a LoRA target, so its dtype is the one inputs must be cast to.
         self.model_dtype = self.unet.conv_in.weight.dtype
         self.resolution = sample_config.resolution or self.unet.config.sample_size * self.vae_scale_factor
+        self._check_resolution()
 
     # ----------------------------------------------------------------------------------------
     # the model-specific forward pieces

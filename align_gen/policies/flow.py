@@ -58,6 +58,7 @@ class FlowPolicy(DenoiserPolicy):
         self.vae = pipeline.vae.requires_grad_(False).eval()
         # Before the sampling grid: a resolution-dependent shift (FLUX) reads it.
         self.resolution = sample_config.resolution or self._native_resolution()
+        self._check_resolution()
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self._attach(pipeline, model_config, sample_config, device, scheduler)
         self.transformer.to(self.device)

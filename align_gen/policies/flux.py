@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from align_gen.config import ModelConfig, SampleConfig
-from align_gen.errors import ConfigError
 from align_gen.policies.flow import FlowPolicy
 
 Tensor = torch.Tensor
@@ -73,15 +72,14 @@ class FluxPolicy(FlowPolicy):
         # The transformer has no sample size; FLUX's VAE config records the training resolution.
         return self.vae.config.sample_size
 
+    @property
+    def latent_multiple(self) -> int:
+        return PATCH * self.vae_scale_factor  # latents are packed in 2x2 patches
+
     def _image_seq_len(self) -> int:
         """The number of image tokens: (h / 2) * (w / 2) for (h, w) latents."""
-        multiple = PATCH * self.vae_scale_factor
-        if self.resolution % multiple:
-            raise ConfigError(
-                f"sample.resolution={self.resolution} cannot be packed into FLUX's 2x2 latent patches; "
-                f"use a multiple of {multiple}."
-            )
-        return (self.resolution // multiple) ** 2
+        self._check_resolution()  # before the timesteps are set from it
+        return (self.resolution // self.latent_multiple) ** 2
 
     def _set_timesteps(self) -> None:
         """FluxPipeline.__call__'s grid (diffusers 0.42.1): sigmas linspace(1, 1/n, n) (none with

@@ -432,11 +432,13 @@ def is_vlm_source(pretrained: str) -> bool:
     if folder.is_dir():
         return (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         hf_hub_download(pretrained, "model_index.json")
-    except EntryNotFoundError:
+    except LocalEntryNotFoundError:  # offline and not cached: unknown (it subclasses EntryNotFoundError)
+        return False
+    except RemoteEntryNotFoundError:  # the repository exists and has no model_index.json
         return True
     except Exception:  # offline, unknown repo, no access: let the diffusion loader report it
         return False

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from align_gen.durable import fsync_dir, fsync_file
+from align_gen.errors import AlignGenError
 from align_gen.world import WEIGHTS_DIR, captioner, clip, diffusion, shapes
 
 SHIPPED_DIR = WEIGHTS_DIR  # what the package ships (align-gen:world... names these folders)
@@ -100,7 +102,7 @@ def _train_stage(out: Path, config: WorldBuildConfig, stage: str, train) -> tupl
     """Runs ``train(state, on_step)`` for ``stage`` with a progress bar (its time estimate) and
     a checkpoint every ``config.checkpoint_every`` steps; returns (model, seconds)."""
     checkpoint = out / ".build" / f"{stage}.pt"
-    state = torch.load(checkpoint, weights_only=False) if checkpoint.is_file() else None
+    state = _load_checkpoint(checkpoint) if checkpoint.is_file() else None
     steps = getattr(config, stage).steps
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=state["step"] if state else 0, desc=f"world {stage}", unit="step")
@@ -186,11 +188,25 @@ def _build_captioner(out: Path, config: WorldBuildConfig) -> dict:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
+    """Written to a temporary file, fsync'd and renamed, so a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
+    fsync_file(temporary)
     temporary.replace(path)
+    fsync_dir(path.parent)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A stage checkpoint, loaded safely: tensors and plain values only, never pickled code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling refusals and truncation alike
+        reason = " ".join(str(error).split())[:160]
+        raise AlignGenError(
+            f"{path} is not a world-build checkpoint of tensors ({type(error).__name__}: {reason}); "
+            "delete it to restart the stage."
+        ) from None
 
 
 _STAGE_BUILDERS = {"clip": _build_clip, "vae": _build_vae, "unet": _build_unet, "captioner": _build_captioner}
