@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/align-gen train configs/tiny/awm_world_preference.yaml
 
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=15
 
 # The `imagereward` extra pins transformers < 4.56, so its tests run in a second environment
 # (CI runs this after `make test`); they fail there, rather than skip, if the package does not import.

@@ -201,6 +201,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return checkpoint
 
 
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of checkpoint folder ``path`` (what ``align-gen sample`` / ``evaluate``
+    of a checkpoint need), verified against its manifest when it has one.
+
+    Raises:
+        CheckpointError: the folder does not match its manifest, or its weights are unreadable.
+    """
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}.")
+    try:
+        return load_file(str(path / "trainable.safetensors"))
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path}: trainable.safetensors is unreadable ({error}).") from None
+
+
 def resume_checkpoint(resume: str | None, output_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:
     """The checkpoint to resume from: with ``latest``, the newest valid one in ``output_dir``
     (damaged ones are skipped with a warning; None when there is none); with a folder, that one.

@@ -212,7 +212,7 @@ def _load_policy(args: argparse.Namespace, source: _ModelSource):
     """The policy of ``source``, for sampling with the command's settings."""
     import torch
 
-    from align_gen.checkpoint import load_checkpoint
+    from align_gen.checkpoint import load_checkpoint_weights
     from align_gen.config import ModelConfig, SampleConfig, load_config
     from align_gen.policies import build_policy
 
@@ -228,7 +228,7 @@ def _load_policy(args: argparse.Namespace, source: _ModelSource):
         model_config = ModelConfig(pretrained=source.model, dtype=args.dtype)
         return build_policy(model_config, sample, device, trainable=False, lora_path=source.lora)
     run = load_config(source.checkpoint.parent.parent / "config.yaml")
-    weights = load_checkpoint(source.checkpoint).weights  # verified against its manifest
+    weights = load_checkpoint_weights(source.checkpoint)  # verified against its manifest
     policy = build_policy(dataclasses.replace(run.model, dtype=args.dtype), sample, device, trainable=True)
     policy.load_trainable_state_dict(weights)
     return policy

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 # A folder renamed with this suffix is on its way out; readers ignore it, the next start removes it.
@@ -109,3 +110,26 @@ def file_in_the_way(path: Path, *, is_folder: bool) -> Path | None:
     if path.exists() and path.is_dir() != is_folder:
         return path
     return None
+
+
+def write_folder_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Replaces folder ``path`` with what ``write(folder)`` puts in a fresh folder: written under
+    ``<name>.partial``, every file fsync'd, then renamed into place (an old copy is renamed away
+    and removed), so ``path`` is never a half-written folder."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    for file in sorted(p for p in partial.rglob("*") if p.is_file()):
+        fsync_file(file)
+    if path.exists():
+        doomed = path.with_name(path.name + DELETING_SUFFIX)
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        os.replace(partial, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(doomed)
+    else:
+        os.replace(partial, path)
+        fsync_dir(path.parent)

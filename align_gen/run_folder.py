@@ -23,7 +23,7 @@ import yaml
 
 from align_gen.checkpoint import CHECKPOINT_DIR, Checkpoint, recover_interrupted, resume_checkpoint
 from align_gen.config import RunConfig, to_dict
-from align_gen.durable import file_in_the_way, remove_tree, write_atomic
+from align_gen.durable import clear_deleting, file_in_the_way, remove_tree, write_atomic
 from align_gen.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -90,6 +90,8 @@ def open_run(config: RunConfig, *, is_main: bool, barrier: Callable[[], None], s
     if is_main:
         if config.overwrite:
             _delete_run(output_dir, say)
+        if output_dir.is_dir():
+            clear_deleting(output_dir)  # e.g. an old final/ whose replacement a kill interrupted
         for note in recover_interrupted(output_dir):
             say(note)
     barrier()

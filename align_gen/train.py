@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from align_gen.advantages import build_advantage_fn
 from align_gen.checkpoint import save_checkpoint, set_aside_diverged
 from align_gen.config import RunConfig
+from align_gen.durable import write_folder_atomic
 from align_gen.errors import (
     AlignGenError,
     ConfigError,
@@ -221,7 +222,7 @@ def train(config: RunConfig) -> TrainResult:
     curve = output_dir / "learning_curve.png"
     before_after = output_dir / "grids" / "before_after.png"
     if accelerator.is_main_process:
-        policy.save(final_model)
+        write_folder_atomic(final_model, policy.save)
         if (output_dir / METRICS_FILE).exists():
             plot_learning_curve(output_dir / METRICS_FILE, curve, evaluation_path=output_dir / EVALUATION_FILE)
         first_grid = output_dir / "grids" / f"epoch_{0:06d}.png"

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from importlib.metadata import entry_points
 import math
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch

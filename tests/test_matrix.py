@@ -26,7 +26,7 @@ OBJECTIVES = {
         f"prompts.source={Path(__file__).resolve().parents[1] / 'configs' / 'tiny' / 'data' / 'shapes'}",
     ],
 }
-MODELS = ["tiny-random-sd", "tiny-random-sd3", "tiny-random-sdxl", "tiny-random-flux"]
+MODELS = ["tiny-random-sd", "tiny-random-sd2", "tiny-random-sd3", "tiny-random-sdxl", "tiny-random-flux"]
 
 TINY = [
     "sample.num_steps=3",

@@ -138,7 +138,7 @@ def _tiny_unet(sample_size: int, cross_attention_dim: int, **extra):
     )
 
 
-def _sd_ddim_scheduler():
+def _sd_ddim_scheduler(prediction_type: str = "epsilon"):
     """DDIM on Stable Diffusion's training schedule (scaled-linear betas, no clipping)."""
     from diffusers import DDIMScheduler
 
@@ -149,6 +149,7 @@ def _sd_ddim_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -170,6 +171,30 @@ def build_tiny_random_sd(seed: int = 0, sample_size: int = 32):
         tokenizer=build_clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_random_sd2(seed: int = 0, sample_size: int = 32):
+    """A random tiny SD 2.x pipeline with SD 2.1's structure: a v-prediction DDIM schedule,
+    linear projections in the UNet's transformer blocks, attention upcast to float32, and a
+    GELU text encoder (OpenCLIP's activation); 64 px images, 32x32x4 latents, ~1M parameters."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(sample_size, cross_attention_dim=32, use_linear_projection=True, upcast_attention=True)
+    vae = _tiny_vae(latent_channels=4, sample_size=sample_size * 2)
+    text_config = _tiny_clip_text_config()
+    text_config.hidden_act = "gelu"
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_ddim_scheduler(prediction_type="v_prediction"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -343,6 +368,7 @@ def build_tiny_random_flux(seed: int = 0, sample_size: int = 32, guidance_embeds
 
 BUILTIN_MODELS = {
     "tiny-random-sd": build_tiny_random_sd,
+    "tiny-random-sd2": build_tiny_random_sd2,
     "tiny-random-sd3": build_tiny_random_sd3,
     "tiny-random-sdxl": build_tiny_random_sdxl,
     "tiny-random-flux": build_tiny_random_flux,
