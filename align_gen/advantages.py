@@ -205,7 +205,9 @@ class PerPromptNormalizer:
         return {
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
-            "buffers": {prompt: list(buffer) for prompt, buffer in self._buffers.items()},
+            # A VLM's prompt key is (question, image key): JSON objects take strings, so the
+            # buffers are stored as [key, values] pairs, a key being a string or a list.
+            "buffers": [[prompt, list(buffer)] for prompt, buffer in self._buffers.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -217,9 +219,13 @@ class PerPromptNormalizer:
                     f"normaliser has {key}={getattr(self, key)}; resume with the saved setting "
                     "or start without the saved state."
                 )
+        buffers = state["buffers"]
+        pairs = buffers.items() if isinstance(buffers, dict) else buffers  # a dict: saved before VLM keys
         self._buffers = {
-            str(prompt): deque((float(v) for v in values), maxlen=self.buffer_size)
-            for prompt, values in state["buffers"].items()
+            tuple(prompt) if isinstance(prompt, list) else str(prompt): deque(
+                (float(v) for v in values), maxlen=self.buffer_size
+            )
+            for prompt, values in pairs
         }
 
     def stats(self) -> dict[str, float]:

@@ -116,6 +116,8 @@ def kl_to_base(policy: Policy, rollout: Rollout, batch_size: int) -> tuple[Tenso
     Returns:
         ((B,) float64 estimates, (B,) number of steps counted per sample).
     """
+    if not bool(rollout.step_mask.any()):  # a deterministic sampler (the flow ODE): no step has a density
+        return torch.zeros(len(rollout), dtype=torch.float64), torch.zeros(len(rollout), dtype=torch.long)
     steps = torch.arange(rollout.num_steps)
     scale = log_prob_scale(rollout)
     estimates, counts = [], []

@@ -49,7 +49,7 @@ from align_gen.tracking import (
 )
 from align_gen.types import Rollout, VisualPrompt
 from pipelines.grid import sample_grid, side_by_side
-from reward_models import build_reward
+from reward_models import build_reward, check_reward_config
 
 
 @dataclasses.dataclass
@@ -79,6 +79,7 @@ def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
 def train(config: RunConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     output_dir = Path(config.output_dir)
+    check_reward_config(config.reward.weights, config.reward.options)  # names and options, before any model loads
     checkpoint = open_run(
         config, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, say=accelerator.print
     )

@@ -303,10 +303,16 @@ def _is_plain_reward_function(obj: Any) -> bool:
 
 def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: str) -> Any:
     """Call ``factory(**options)``, turning bad option names into a ``ConfigError``."""
+    _check_options(factory, options, label)
+    return factory(**options)
+
+
+def _check_options(factory: Callable[..., Any], options: dict[str, Any], label: str) -> None:
+    """Raises ``ConfigError`` unless ``factory`` accepts ``options`` (names and required ones)."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
-        return factory(**options)
+        return
     params = signature.parameters
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     valid = ", ".join(named) or "(none)"
@@ -320,11 +326,10 @@ def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: s
         signature.bind(**options)
     except TypeError as err:
         raise ConfigError(f"reward {label!r}: {err}; valid options: {valid}") from err
-    return factory(**options)
 
 
-def get_reward(name: str, **options: Any) -> RewardFn:
-    """A reward by registered or declared name (see the module docstring), built with ``options``."""
+def _resolve(name: str) -> Callable[..., Any]:
+    """The registered or declared reward factory called ``name``, or ``RewardError``."""
     if ":" in name:
         raise RewardError(
             f"reward {name!r} looks like a 'module:function' spec, and configs cannot import code. Register "
@@ -340,6 +345,27 @@ def get_reward(name: str, **options: Any) -> RewardFn:
             f"unknown reward {name!r}; {_registry_listing()}; your own: register_reward or an "
             f"'{ENTRY_POINT_GROUP}' entry point.{hint}"
         )
+    return target
+
+
+def check_reward_config(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> None:
+    """What :func:`build_reward` would refuse, found without building anything (no weights
+    load): unknown or code-naming reward names, bad weights, option names a reward does not take.
+
+    Raises:
+        RewardError, ConfigError: as :func:`build_reward` would.
+    """
+    options = dict(options or {})
+    _check_weights_and_options(weights, options)
+    for key in weights:
+        target = _resolve(key)
+        if options.get(key) or not _is_plain_reward_function(target):
+            _check_options(target, options.get(key, {}), key)
+
+
+def get_reward(name: str, **options: Any) -> RewardFn:
+    """A reward by registered or declared name (see the module docstring), built with ``options``."""
+    target = _resolve(name)
     if not options and _is_plain_reward_function(target):
         return FunctionReward(target, name)
     reward = _call_factory(target, options, name)
@@ -358,6 +384,14 @@ def build_reward(
     One term of weight 1 gives that reward itself; anything else gives a ``WeightedSum``.
     """
     options = dict(options or {})
+    _check_weights_and_options(weights, options)
+    rewards = {key: get_reward(key, **options.get(key, {})) for key in weights}
+    if len(rewards) == 1 and float(next(iter(weights.values()))) == 1.0:
+        return next(iter(rewards.values()))
+    return WeightedSum(rewards, {key: float(w) for key, w in weights.items()})
+
+
+def _check_weights_and_options(weights: dict[str, float], options: dict[str, Any]) -> None:
     if not weights:
         raise ConfigError(
             f"reward weights are empty; give at least one, e.g. {{'aesthetic': 1.0}}; "
@@ -375,7 +409,3 @@ def build_reward(
             raise ConfigError(f"reward weight for {key!r} must be a finite number, got {weight!r}")
         if not isinstance(options.get(key, {}), dict):
             raise ConfigError(f"reward options for {key!r} must be a mapping, got {options[key]!r}")
-    rewards = {key: get_reward(key, **options.get(key, {})) for key in weights}
-    if len(rewards) == 1 and float(next(iter(weights.values()))) == 1.0:
-        return next(iter(rewards.values()))
-    return WeightedSum(rewards, {key: float(w) for key, w in weights.items()})

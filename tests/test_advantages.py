@@ -69,7 +69,7 @@ def test_per_prompt_buffer_evicts_oldest_and_new_prompt_falls_back() -> None:
     normalizer(["a", "b", "a", "b"], r(2, 5, 6, 5))
     third = normalizer(["a", "c"], r(10, 0))
     close(third, [4.75 / (math.sqrt(9.6875) + EPS), -5 / (5 + EPS)])
-    assert normalizer.state_dict()["buffers"]["a"] == [3.0, 2.0, 6.0, 10.0]
+    assert dict(normalizer.state_dict()["buffers"])["a"] == [3.0, 2.0, 6.0, 10.0]
     assert normalizer.stats()["last_fallback_fraction"] == 0.5
 
 
@@ -161,3 +161,19 @@ def test_invalid_input_raises() -> None:
         PerPromptNormalizer(buffer_size=8, min_count=16)
     with pytest.raises(ConfigError, match="eps"):
         batch_normalize(r(1, 2), eps=0.0)
+
+
+def test_per_prompt_state_of_vision_language_prompts_round_trips_through_json() -> None:
+    """A VLM's prompt key is (question, image key): its buffers survive a checkpoint's state.json,
+    and a state saved before such keys existed (a dict of string keys) still loads."""
+    import json
+
+    normalizer = PerPromptNormalizer(buffer_size=4, min_count=1)
+    normalizer([("what colour?", "img0"), ("what colour?", "img1"), "a text prompt"], r(1, 2, 3))
+    restored = PerPromptNormalizer(buffer_size=4, min_count=1)
+    restored.load_state_dict(json.loads(json.dumps(normalizer.state_dict())))
+    assert restored.state_dict() == normalizer.state_dict()
+    close(restored([("what colour?", "img0")], r(3)), normalizer([("what colour?", "img0")], r(3)).tolist())
+    legacy = PerPromptNormalizer(buffer_size=4, min_count=1)
+    legacy.load_state_dict({"buffer_size": 4, "min_count": 1, "buffers": {"a": [1.0, 2.0]}})
+    assert dict(legacy.state_dict()["buffers"]) == {"a": [1.0, 2.0]}
