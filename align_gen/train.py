@@ -37,6 +37,7 @@ from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
 from align_gen.optimizers import build_optimizer
 from align_gen.policies import build_policy
+from align_gen.policies.loading import is_vlm_source
 from align_gen.policy import Policy
 from align_gen.prompts import load_prompts, sample_prompts
 from align_gen.run_folder import open_run, record_config
@@ -86,10 +87,12 @@ def train(config: RunConfig) -> TrainResult:
 
     objective = build_objective(config.objective)
     objective.check(config)
+    # Prompts before the model: a bad prompt file is reported before minutes of loading.
+    takes_images = is_vlm_source(config.model.pretrained)
+    prompts = load_prompts(config.prompts.source, visual=takes_images, instruction=config.prompts.instruction)
+    grid_prompts = _grid_prompts(config, prompts, takes_images)
+    evaluation_prompts = _evaluation_prompts(config, takes_images)
     policy = build_policy(config.model, config.sample, accelerator.device)
-    prompts = load_prompts(config.prompts.source, visual=policy.takes_images, instruction=config.prompts.instruction)
-    grid_prompts = _grid_prompts(config, prompts, policy)
-    evaluation_prompts = _evaluation_prompts(config, policy)
     reward_fn = build_reward(config.reward.weights, config.reward.options)
     if getattr(reward_fn, "needs_texts", False) and not policy.takes_images:
         raise ConfigError(
@@ -391,10 +394,10 @@ def _prompt_key(prompt: str | VisualPrompt) -> str | tuple[str, str]:
     return (prompt.text, prompt.image_key) if isinstance(prompt, VisualPrompt) else prompt
 
 
-def _grid_prompts(config: RunConfig, prompts: list, policy: Policy) -> list:
+def _grid_prompts(config: RunConfig, prompts: list, takes_images: bool) -> list:
     """``grid.prompts``, or the first ``grid.num_prompts`` training prompts (a VLM's grid always
     takes dataset examples: its prompts need images)."""
-    if config.grid.prompts and policy.takes_images:
+    if config.grid.prompts and takes_images:
         raise ConfigError(
             "grid.prompts lists text prompts, but a vision-language model's grid shows dataset examples: "
             "leave grid.prompts empty and set grid.num_prompts."
@@ -402,12 +405,12 @@ def _grid_prompts(config: RunConfig, prompts: list, policy: Policy) -> list:
     return config.grid.prompts or prompts[: config.grid.num_prompts]
 
 
-def _evaluation_prompts(config: RunConfig, policy: Policy) -> list | None:
+def _evaluation_prompts(config: RunConfig, takes_images: bool) -> list | None:
     """The fixed held-out prompts of ``evaluation:`` (None when the run has no evaluation)."""
     if config.evaluation.prompts is None:
         return None
     prompts = load_prompts(
-        config.evaluation.prompts, visual=policy.takes_images, instruction=config.prompts.instruction
+        config.evaluation.prompts, visual=takes_images, instruction=config.prompts.instruction
     )
     return select_prompts(prompts, config.evaluation.num_prompts)
 
