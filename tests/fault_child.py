@@ -24,21 +24,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
-SETTINGS = [
-    "sample.num_steps=2",
-    "sample.batch_size=2",
-    "sample.num_batches_per_epoch=2",
-    "grid.num_prompts=1",
-    "grid.seeds=[0]",
-    "grid.every=0",
-    "tensorboard=false",
-    "save_every=1",
-    "keep_checkpoints=2",
-    "advantage.kind=per_prompt",
-    "advantage.min_count=2",
-]
+from tests.test_train import FAST, TINY_CONFIG
+
+SETTINGS = [*FAST, "save_every=1", "keep_checkpoints=2", "advantage.kind=per_prompt", "advantage.min_count=2"]
 
 
 class Killer:
@@ -124,7 +112,7 @@ def main(argv: list[str]) -> None:
     from align_gen.config import load_config
     from align_gen.train import train
 
-    train(load_config(CONFIG, [*SETTINGS, f"output_dir={output_dir}", f"epochs={epochs}", *resume]))
+    train(load_config(TINY_CONFIG, [*SETTINGS, f"output_dir={output_dir}", f"epochs={epochs}", *resume]))
     print(f"events {killer.events}")
 
 
