@@ -4,8 +4,9 @@
 prompts are strings or ``VisualPrompt`` objects and ``texts`` are a vision-language policy's
 generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
 ``clip_score``, ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``, ``preference``. Text
-rewards (they need ``texts``): ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Any
-``"package.module:attr"`` spec works too. ``clip_score`` / ``clip_text_image`` run an open_clip
+rewards (they need ``texts``): ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Your
+own: ``register_reward`` in Python, or an ``align_gen.rewards`` entry point of an installed
+package (a config never imports code by naming it). ``clip_score`` / ``clip_text_image`` run an open_clip
 model, or a transformers ``CLIPModel`` given as ``model=<folder or hub id>``
 (``TransformersClipEncoder``, shared with ``pickscore``). ``hpsv2`` is an open_clip ViT-H-14
 with the HPS v2 / v2.1 weights; ``imagereward`` runs the ``image-reward`` package's BLIP (the
