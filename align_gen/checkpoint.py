@@ -39,18 +39,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from align_gen.durable import (
+    PARTIAL_SUFFIX,
     clear_deleting,
     file_sha256,
     fsync_dir,
-    fsync_file,
     remove_tree,
     write_atomic,
+    write_folder_atomic,
 )
 from align_gen.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
 DIVERGED_SUFFIX = ".diverged"
 _NAME = re.compile(r"epoch_\d{6}")
 
@@ -71,19 +71,18 @@ def save_checkpoint(
 ) -> Path:
     """Writes the checkpoint of ``epoch`` completed epochs atomically; keeps the newest ``keep``."""
     final = checkpoint_path(output_dir, epoch)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(weights, str(partial / "trainable.safetensors"))
-    torch.save(optimizer_state, partial / "optimizer.pt")
-    (partial / "state.json").write_text(json.dumps({"epoch": epoch, **state}, indent=1))
-    if objective_state:
-        save_file(objective_state, str(partial / "objective.safetensors"))
-    _write_manifest(partial)
-    if final.exists():  # the same epoch saved again (a run resumed from an older checkpoint)
-        remove_tree(final)
-    os.replace(partial, final)
-    fsync_dir(final.parent)
+
+    def write(folder: Path) -> None:
+        save_file(weights, str(folder / "trainable.safetensors"))
+        torch.save(optimizer_state, folder / "optimizer.pt")
+        (folder / "state.json").write_text(json.dumps({"epoch": epoch, **state}, indent=1))
+        if objective_state:
+            save_file(objective_state, str(folder / "objective.safetensors"))
+        _write_manifest(folder)
+
+    # Under epoch_N.partial, then renamed into place; the same epoch saved again (a run resumed
+    # from an older checkpoint) replaces the old copy, which is renamed away first.
+    write_folder_atomic(final, write)
     for old in list_checkpoints(output_dir)[:-keep]:
         remove_tree(old)
     return final
@@ -91,8 +90,7 @@ def save_checkpoint(
 
 def _write_manifest(folder: Path) -> None:
     files = {}
-    for path in sorted(folder.iterdir()):
-        fsync_file(path)
+    for path in sorted(folder.iterdir()):  # write_folder_atomic fsyncs them all before the rename
         files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     write_atomic(folder / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
 

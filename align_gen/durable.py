@@ -20,6 +20,8 @@ from pathlib import Path
 
 # A folder renamed with this suffix is on its way out; readers ignore it, the next start removes it.
 DELETING_SUFFIX = ".deleting"
+# A folder being written; it gets its final name only once complete.
+PARTIAL_SUFFIX = ".partial"
 
 
 def fsync_file(path: Path) -> None:
@@ -117,7 +119,7 @@ def write_folder_atomic(path: Path, write: Callable[[Path], None]) -> None:
     ``<name>.partial``, every file fsync'd, then renamed into place (an old copy is renamed away
     and removed), so ``path`` is never a half-written folder."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     write(partial)
