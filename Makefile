@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-imagereward lint bench clean
+.PHONY: install demo test docs test-imagereward lint bench clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/align-gen train configs/tiny/awm_world_preference.yaml
 
+# The packages' layering (import-linter contracts in pyproject.toml), the docs (strict: a broken
+# link or an undocumented config field fails), then the tests.
 test: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q --durations=15
+
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 # The `imagereward` extra pins transformers < 4.56, so its tests run in a second environment
 # (CI runs this after `make test`); they fail there, rather than skip, if the package does not import.
@@ -42,6 +49,7 @@ test-imagereward: $(IR_VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check align_gen reward_models pipelines tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/sampling_overhead.py
@@ -51,4 +59,4 @@ bench: install
 	$(PY) benchmarks/world_alignment.py
 
 clean:
-	rm -rf $(VENV) $(IR_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(IR_VENV) outputs .pytest_cache site

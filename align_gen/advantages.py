@@ -1,7 +1,7 @@
 """Reward -> advantage normalisation: per prompt (running buffer), per group, or per batch.
 
 Every normaliser computes A = (r - mean) / (std + eps), clamped to [-clip, clip], and differs only
-in which rewards the mean and std come from (DESIGN.md, "Objectives"):
+in which rewards the mean and std come from:
 - ``per_prompt``: a running buffer of this prompt's recent rewards, as in DDPO (Black et al. 2023);
   it falls back to the whole batch's statistics until the buffer holds ``min_count`` rewards.
 - ``group``: the rewards of the same prompt in this batch only (GRPO, AWM).
@@ -150,7 +150,7 @@ class PerPromptNormalizer:
         buffer_size: rewards remembered per prompt (the anchor's 32).
         min_count: rewards a prompt needs before its own statistics are used (the anchor's 16);
             1 <= min_count <= buffer_size.
-        clip: advantages are clamped to [-clip, clip] (DESIGN.md's adv_clip, 5).
+        clip: advantages are clamped to [-clip, clip] (DDPO's adv_clip, 5).
         eps: added to the std so ties give A = 0 instead of 0/0.
     """
 

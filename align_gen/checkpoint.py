@@ -51,6 +51,7 @@ from align_gen.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "trainable.safetensors"
 DIVERGED_SUFFIX = ".diverged"
 _NAME = re.compile(r"epoch_\d{6}")
 
@@ -73,7 +74,7 @@ def save_checkpoint(
     final = checkpoint_path(output_dir, epoch)
 
     def write(folder: Path) -> None:
-        save_file(weights, str(folder / "trainable.safetensors"))
+        save_file(weights, str(folder / WEIGHTS_FILE))
         torch.save(optimizer_state, folder / "optimizer.pt")
         (folder / "state.json").write_text(json.dumps({"epoch": epoch, **state}, indent=1))
         if objective_state:
@@ -187,7 +188,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
         checkpoint = Checkpoint(
             path=path,
-            weights=load_file(str(path / "trainable.safetensors")),
+            weights=load_file(str(path / WEIGHTS_FILE)),
             optimizer_state=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
             state=state,
             objective_state=load_file(str(objective_file)) if objective_file.is_file() else {},
@@ -212,9 +213,9 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}.")
     try:
-        return load_file(str(path / "trainable.safetensors"))
+        return load_file(str(path / WEIGHTS_FILE))
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path}: trainable.safetensors is unreadable ({error}).") from None
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS_FILE} is unreadable ({error}).") from None
 
 
 def resume_checkpoint(resume: str | None, output_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:

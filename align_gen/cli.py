@@ -8,14 +8,48 @@ printed as one line on stderr with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
-from align_gen.errors import AlignGenError
+from align_gen.errors import USER_ERRORS, AlignGenError
 from align_gen.train_reward_cli import add_train_reward_parser
+
+DESCRIPTION = (
+    "Align text-to-image diffusion models and vision-language models with reinforcement learning "
+    "(DDPO, REBEL, AWM, SePPO): train from a YAML config, then sample and evaluate the result."
+)
+EPILOG = """\
+first steps (from the repository root):
+  make demo        install into .venv and align the shipped tiny world model with AWM
+                   (offline, CPU, minutes): align-gen train configs/tiny/awm_world_preference.yaml
+  make test        run the test suite (offline, CPU)
+  align-gen train --help       the shipped configs, one line each
+  align-gen COMMAND --help     a command's options and their defaults
+"""
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that keeps the line breaks of descriptions and epilogs and ends each option's help
+    with its default, unless the help already names it or there is none (None, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default == []
+            or "default" in text
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except AlignGenError as error:
+    except USER_ERRORS as error:
         message = " ".join(str(error).splitlines())
         print(f"align-gen {args.command}: error: {message}", file=sys.stderr)
         return 2
@@ -32,28 +66,98 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align-gen", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _say(message: str) -> None:
+    """What the command is about to do, before a step that can take minutes (on stdout, so that
+    stderr stays the one error line when the step fails)."""
+    print(message, flush=True)
 
-    train = commands.add_parser("train", help="fine-tune a model with an RL objective from a YAML config")
-    train.add_argument("config", help="YAML config (see configs/)")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-4")
+
+def _config_summary(path: Path) -> str:
+    """One line about a shipped config: the first sentence of its header comment (parenthetical
+    remarks dropped when it is long, the part before a colon when it is still very long)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        text = line[1:].strip()
+        if not line.startswith("#") or not text or line.startswith("#  "):  # a blank or a command line ends it
+            break
+        lines.append(text)
+    sentence = re.split(r"(?<=\.)\s", " ".join(lines), maxsplit=1)[0]
+    if len(sentence) > 100:
+        sentence = re.sub(r"\s*\([^()]*\)", "", sentence)
+    if len(sentence) > 140:
+        sentence = re.split(r":\s", sentence, maxsplit=1)[0]
+    sentence = sentence.rstrip(" .:;,")
+    return f"{sentence}." if sentence else "(no header comment)"
+
+
+def shipped_configs_help(configs_dir: Path | None = None) -> str:
+    """The train command's epilog: every YAML file under ``configs_dir`` (default: the
+    repository's configs/ folder, next to the package; top level and ``tiny/``) with one line
+    about it, or where the configs live when there is no such folder."""
+    configs_dir = CONFIGS_DIR if configs_dir is None else configs_dir
+    groups = [
+        (configs_dir / "tiny", "offline, CPU, seconds to minutes"),
+        (configs_dir, "a GPU, and models and datasets from the hub or local copies"),
+    ]
+    in_repository = (configs_dir.parent / "pyproject.toml").is_file()  # not a stray configs/ in site-packages
+    sections = []
+    for folder, note in groups:
+        files = sorted(folder.glob("*.yaml")) if in_repository and folder.is_dir() else []
+        if not files:
+            continue
+        width = max(len(path.name) for path in files)
+        shown = folder.relative_to(configs_dir.parent)
+        rows = [f"  {path.name:<{width}}  {_config_summary(path)}" for path in files]
+        sections.append(f"{shown}/ ({note}):\n" + "\n".join(rows))
+    if not sections:
+        return (
+            f"shipped configs: no configs folder at {configs_dir} (align-gen was installed without its\n"
+            "repository). The example configs live in the configs/ folder of the align-gen source\n"
+            "repository (configs/tiny/ runs offline on a CPU); copy one and give its path."
+        )
+    return (
+        f"shipped configs, in {configs_dir} (give the path, e.g. align-gen train\n"
+        "configs/tiny/awm_world_preference.yaml; each file's header comment explains it):\n\n"
+        + "\n\n".join(sections) + "\n"
+    )
+
+
+WORLD_STAGES = ("clip", "vae", "unet", "captioner")  # align_gen.world.build.STAGES (not imported: torch)
+MODEL_HELP = (
+    "hub id, diffusers or transformers VLM folder, align-gen:NAME (built-in: align-gen:world, "
+    "align-gen:tiny-random-sd, ...), a run's output or final/ folder, or a run's checkpoint folder"
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align-gen", description=textwrap.fill(DESCRIPTION, 88), epilog=EPILOG, formatter_class=_HelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_command(name: str, helptext: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=helptext, description=_sentence(helptext),
+                                   formatter_class=_HelpFormatter, **options)
+
+    train = add_command("train", "fine-tune a model with an RL objective from a YAML config",
+                        epilog=shipped_configs_help())
+    train.add_argument("config", help="YAML config file (the shipped ones are listed below)")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="config values to override, dotted keys, e.g. train.learning_rate=1e-4 epochs=2",
+    )
     train.set_defaults(handler=_train)
 
     for name, helptext in (
-        ("sample", "render a labelled grid of samples (prompts x seeds)"),
+        ("sample", "render a labelled grid of samples (rows = prompts, columns = seeds) to a PNG"),
         ("evaluate", "score samples with reward models (one model, or two compared on the same prompts and seeds)"),
         ("make-pairs", "preference pairs of a model's samples judged by a reward (SePPO winners, train-reward --pairs)"),
     ):
-        command = commands.add_parser(name, help=helptext)
-        command.add_argument(
-            "model",
-            nargs="?" if name == "evaluate" else None,
-            help="hub id, diffusers or transformers VLM folder, align-gen:NAME, a run's output or final/ folder, "
-            "or a run's checkpoint folder",
-        )
-        command.add_argument("--lora", help="folder with LoRA weights (what align-gen train saves)")
+        command = add_command(name, helptext)
+        command.add_argument("model", nargs="?" if name == "evaluate" else None, metavar="MODEL",
+                             help=("the model A: " if name == "evaluate" else "") + MODEL_HELP)
+        command.add_argument("--lora", metavar="DIR",
+                             help="folder with LoRA weights to load on MODEL (what align-gen train saves)")
         command.add_argument(
             "--prompts",
             required=True,
@@ -61,48 +165,75 @@ def _build_parser() -> argparse.ArgumentParser:
             "(image, prompt) dataset (folder or .jsonl)",
         )
         if name != "make-pairs":
-            command.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sample per prompt per seed")
-        command.add_argument("--steps", type=int, default=50, help="denoising steps")
-        command.add_argument("--guidance-scale", type=float, default=5.0)
-        command.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
-        command.add_argument("--max-new-tokens", type=int, default=32, help="VLM answer length cap")
+            command.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                                 help="sampling seeds: one sample per prompt per seed")
+        command.add_argument("--steps", type=int, default=50, help="denoising steps per sample, for diffusion models")
+        command.add_argument("--guidance-scale", type=float, default=5.0,
+                             help="classifier-free guidance scale, for diffusion models (1 = no guidance)")
+        command.add_argument("--eta", type=float, default=1.0,
+                             help="DDIM eta, the sampler's noise (> 0: the sampler records log-probs)")
+        command.add_argument("--max-new-tokens", type=int, default=32, help="VLM answer length cap in tokens")
         command.add_argument("--temperature", type=float, default=1.0, help="VLM sampling temperature (> 0)")
-        command.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        command.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                             help="the model's weight and compute precision (float16/bfloat16: GPUs)")
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    commands.choices["sample"].add_argument("--out", default="grid.png", help="output PNG")
-    commands.choices["sample"].set_defaults(handler=_sample)
+    _add_sample_options(commands.choices["sample"])
     _add_evaluate_options(commands.choices["evaluate"])
     _add_make_pairs_options(commands.choices["make-pairs"])
 
-    add_train_reward_parser(commands)
+    add_train_reward_parser(commands, formatter_class=_HelpFormatter)
 
-    world = commands.add_parser("world", help="the tiny offline world: build (train) its models")
-    world_commands = world.add_subparsers(dest="world_command", required=True)
-    build = world_commands.add_parser(
-        "build", help="train the world's models from its seed (resumable: run it again after an interruption)"
-    )
-    build.add_argument("--out", default="outputs/world", help="output folder (the shipped weights: align_gen/world/weights)")
-    build.add_argument("--stages", nargs="+", default=None, help="stages to build (default: all)")
+    world = add_command("world", "the tiny offline world: build (train) its models")
+    world_commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+    build_help = "train the world's models from its seed (resumable: run it again after an interruption)"
+    build = world_commands.add_parser("build", help=build_help, description=_sentence(build_help),
+                                      formatter_class=_HelpFormatter)
+    build.add_argument("--out", default="outputs/world",
+                       help="output folder (the shipped weights are in align_gen/world/weights)")
+    build.add_argument("--stages", nargs="+", default=None,
+                       help=f"stages to build, any of: {' '.join(WORLD_STAGES)} (default: all, in that order)")
     build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the build, not for use")
     build.set_defaults(handler=_world_build)
     return parser
 
 
-def _add_reward_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--reward", action="append", default=[], help="reward name (repeatable)")
+def _sentence(text: str) -> str:
+    """A command's help as its description: a capitalised sentence, wrapped."""
+    return textwrap.fill(text[0].upper() + text[1:] + ".", 88)
+
+
+def _add_sample_options(sample: argparse.ArgumentParser) -> None:
+    sample.add_argument("--num-prompts", type=int, default=0, help="prompts spread evenly over the list (0 = all)")
+    sample.add_argument(
+        "--batch-size", type=int, default=None,
+        help="prompts sampled together, for long prompt lists: less memory and a progress step per batch, "
+        "but other noise than one batch (default: all prompts of a seed in one batch, as the training grids)",
+    )
+    sample.add_argument("--out", default="grid.png", help="output PNG")
+    sample.set_defaults(handler=_sample)
+
+
+def _add_reward_options(command: argparse.ArgumentParser, *, judge: bool = False) -> None:
     command.add_argument(
-        "--reward-weights", nargs="+", metavar="NAME=W", default=[], help="one weighted-sum reward, 'weighted'"
+        "--reward", action="append", default=[], metavar="NAME",
+        help="the judge: a reward, e.g. jpeg_compressibility or clip_score (give one --reward or --reward-weights)"
+        if judge else "reward to score with, e.g. jpeg_compressibility or clip_score (repeatable)",
     )
     command.add_argument(
-        "--reward-option", action="append", default=[], help="NAME.option=value, e.g. clip_score.pretrained=/ckpt.pt"
+        "--reward-weights", nargs="+", metavar="NAME=W", default=[],
+        help="one weighted sum of rewards, named 'weighted', e.g. clip_score=1 aesthetic=0.5",
+    )
+    command.add_argument(
+        "--reward-option", action="append", default=[], metavar="NAME.OPTION=VALUE",
+        help="a reward's option (repeatable), e.g. clip_score.pretrained=/ckpt.pt",
     )
 
 
 def _add_make_pairs_options(command: argparse.ArgumentParser) -> None:
-    _add_reward_options(command)
+    _add_reward_options(command, judge=True)
     command.add_argument("--candidates", type=int, default=4, help="samples per prompt; the best and worst make the pair")
     command.add_argument("--seed", type=int, default=0, help="seeds the one generator that draws every sample")
-    command.add_argument("--num-prompts", type=int, default=0, help="prompts spread over the list (0 = all)")
+    command.add_argument("--num-prompts", type=int, default=0, help="prompts spread evenly over the list (0 = all)")
     command.add_argument("--batch-size", type=int, default=8, help="prompts sampled together (x candidates images)")
     command.add_argument("--out", default="pairs", help="output folder: pairs.jsonl and images/")
     command.set_defaults(handler=_make_pairs)
@@ -110,13 +241,16 @@ def _add_make_pairs_options(command: argparse.ArgumentParser) -> None:
 
 def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model A (or give it first)")
-    evaluate.add_argument("--compare", metavar="MODEL", help="a model B sampled with the same prompts and seeds")
-    evaluate.add_argument("--compare-lora", help="LoRA weights for --compare")
+    evaluate.add_argument(
+        "--compare", metavar="MODEL",
+        help="a model B sampled with the same prompts and seeds (e.g. the base model); differences are B - A",
+    )
+    evaluate.add_argument("--compare-lora", metavar="DIR", help="LoRA weights for --compare")
     _add_reward_options(evaluate)
-    evaluate.add_argument("--num-prompts", type=int, default=0, help="prompts spread over the list (0 = all)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--num-prompts", type=int, default=0, help="prompts spread evenly over the list (0 = all)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
     evaluate.add_argument("--grid-prompts", type=int, default=8, help="prompts in the sample grid (up to 4 seeds)")
-    evaluate.add_argument("--run", help="a training output folder: its monitors and held-out curve join the report")
+    evaluate.add_argument("--run", metavar="DIR", help="a training output folder: its monitors and held-out curve join the report")
     evaluate.add_argument(
         "--out",
         default="evaluation",
@@ -164,59 +298,16 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         raise AlignGenError(f"--eta must be > 0 (the sampler records log-probs), got {args.eta}.")
     if args.max_new_tokens < 1 or not args.temperature > 0:
         raise AlignGenError("--max-new-tokens must be >= 1 and --temperature > 0.")
-    if getattr(args, "batch_size", 1) < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise AlignGenError(f"--batch-size must be >= 1, got {args.batch_size}.")
 
 
-@dataclasses.dataclass
-class _ModelSource:
-    """What a MODEL argument names, resolved without loading anything: a model (hub id, folder
-    or built-in) with optional LoRA weights, or a run's checkpoint on the run's base model."""
+def _load_policy(args: argparse.Namespace, source):
+    """The policy of ``source`` (a :class:`~align_gen.models.ModelSource`), sampling with the
+    command's settings."""
+    from align_gen.config import SampleConfig
+    from align_gen.models import load_policy
 
-    model: str
-    lora: str | None
-    checkpoint: Path | None = None
-
-    @property
-    def takes_images(self) -> bool:
-        """Whether it is a vision-language model (its prompts are (image, question) examples)."""
-        from align_gen.policies.loading import is_vlm_source
-
-        return is_vlm_source(self.model)
-
-
-def _resolve_model(model: str, lora: str | None) -> _ModelSource:
-    """A run's output folder stands for its final/ folder, a run's final/ folder holding LoRA
-    weights for them on the recorded base model, and a run's checkpoint folder for the run's
-    model (its config.yaml) with the checkpoint's trained weights."""
-    from align_gen.config import load_config
-    from align_gen.policies.weights import MODEL_CARD_FILE
-
-    if (Path(model) / "final" / MODEL_CARD_FILE).is_file():  # a run's output folder
-        model = str(Path(model) / "final")
-    card = Path(model) / MODEL_CARD_FILE
-    if card.is_file():  # a run's final/ folder: LoRA weights on top of the recorded base model
-        description = json.loads(card.read_text())
-        if description["kind"] == "lora":
-            return _ModelSource(description["base_model"], lora or model)
-    checkpoint = Path(model)
-    if (checkpoint / "trainable.safetensors").is_file():
-        config_path = checkpoint.parent.parent / "config.yaml"
-        if not config_path.is_file():
-            raise AlignGenError(f"{checkpoint} looks like a checkpoint but {config_path} (the run's config) is missing.")
-        return _ModelSource(load_config(config_path).model.pretrained, None, checkpoint)
-    return _ModelSource(model, lora)
-
-
-def _load_policy(args: argparse.Namespace, source: _ModelSource):
-    """The policy of ``source``, for sampling with the command's settings."""
-    import torch
-
-    from align_gen.checkpoint import load_checkpoint_weights
-    from align_gen.config import ModelConfig, SampleConfig, load_config
-    from align_gen.policies import build_policy
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sample = SampleConfig(
         num_steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -224,14 +315,7 @@ def _load_policy(args: argparse.Namespace, source: _ModelSource):
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
     )
-    if source.checkpoint is None:
-        model_config = ModelConfig(pretrained=source.model, dtype=args.dtype)
-        return build_policy(model_config, sample, device, trainable=False, lora_path=source.lora)
-    run = load_config(source.checkpoint.parent.parent / "config.yaml")
-    weights = load_checkpoint_weights(source.checkpoint)  # verified against its manifest
-    policy = build_policy(dataclasses.replace(run.model, dtype=args.dtype), sample, device, trainable=True)
-    policy.load_trainable_state_dict(weights)
-    return policy
+    return load_policy(source, sample, dtype=args.dtype, device=args.device)
 
 
 def _check_output(path: str, flag: str, *, is_folder: bool) -> None:
@@ -245,34 +329,45 @@ def _check_output(path: str, flag: str, *, is_folder: bool) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from align_gen.evaluation import select_prompts
+    from align_gen.models import resolve_model
     from align_gen.prompts import load_prompts
     from pipelines.grid import sample_grid
 
     _check_sampling_args(args)
+    if args.num_prompts < 0:
+        raise AlignGenError(f"--num-prompts must be >= 0, got {args.num_prompts}.")
     _check_output(args.out, "--out", is_folder=False)
-    source = _resolve_model(args.model, args.lora)
-    prompts = load_prompts(args.prompts, visual=source.takes_images)
+    source = resolve_model(args.model, args.lora)
+    prompts = select_prompts(load_prompts(args.prompts, visual=source.takes_images), args.num_prompts)
+    _say(f"loading {_model_name(args.model, args.lora)} ...")
     policy = _load_policy(args, source)
-    image = sample_grid(policy, prompts, args.seeds)
+    _say(f"sampling {len(prompts)} prompts x {len(args.seeds)} seeds ({args.steps} steps each) ...")
+    image = sample_grid(policy, prompts, args.seeds, progress=True, batch_size=args.batch_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out} ({len(prompts)} prompts x {len(args.seeds)} seeds)")
     return 0
 
 
+def _model_name(model: str, lora: str | None) -> str:
+    return model if lora is None else f"{model} with LoRA {lora}"
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     """Samples model A (and B with --compare) on the same prompts and seeds, scores every sample
     and writes the outputs of :mod:`align_gen.report` (a .json --out: the summary only)."""
     from align_gen.evaluation import sample_and_score, select_prompts
+    from align_gen.models import resolve_model
     from align_gen.prompts import load_prompts
     from align_gen.report import EvaluatedModel, build_summary, summary_table, write_outputs
 
     _check_sampling_args(args)
     model, run_dir = _evaluation_model(args)
     _check_output(args.out, "--out", is_folder=not args.out.endswith(".json"))
-    sources = {"A": _resolve_model(model, args.lora)}
+    sources = {"A": resolve_model(model, args.lora)}
     if args.compare is not None:
-        sources["B"] = _resolve_model(args.compare, args.compare_lora)
+        sources["B"] = resolve_model(args.compare, args.compare_lora)
     visual = {role: source.takes_images for role, source in sources.items()}
     if len(set(visual.values())) > 1:
         raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
@@ -292,7 +387,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     for (role, source), (name, lora) in zip(
         sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
     ):
+        _say(f"loading {role}: {_model_name(name, lora)} ...")
         policy = _load_policy(args, source)
+        _say(f"sampling {role}: {len(prompts)} prompts x {len(args.seeds)} seeds ({args.steps} steps each) ...")
         samples = sample_and_score(policy, rewards, prompts, args.seeds, args.batch_size, keep_prompts=shown,
                                    keep_seeds=min(len(args.seeds), 4), desc=f"evaluating {role}")
         models.append(EvaluatedModel(role, name, lora, samples))
@@ -318,6 +415,7 @@ def _make_pairs(args: argparse.Namespace) -> int:
     """Samples ``--candidates`` images per prompt, judges them with the one reward given, and
     writes the best and the worst of each prompt as a pair (:mod:`align_gen.pairs`)."""
     from align_gen.evaluation import select_prompts
+    from align_gen.models import resolve_model
     from align_gen.pairs import make_pairs, summarise_pairs
     from align_gen.prompts import load_prompts
 
@@ -328,11 +426,13 @@ def _make_pairs(args: argparse.Namespace) -> int:
     if len(judges) != 1:
         raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(judges)}.")
     _check_output(args.out, "--out", is_folder=True)
-    source = _resolve_model(args.model, args.lora)
+    source = resolve_model(args.model, args.lora)
     if source.takes_images:
         raise AlignGenError("make-pairs draws images: give a text-to-image model, not a vision-language model.")
     prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
+    _say(f"loading {_model_name(args.model, args.lora)} ...")
     policy = _load_policy(args, source)
+    _say(f"sampling {len(prompts)} prompts x {args.candidates} candidates ({args.steps} steps each) ...")
     (judge,) = judges.values()
     path = make_pairs(policy, judge, prompts, args.out, candidates=args.candidates, seed=args.seed,
                       prompts_per_batch=args.batch_size)
@@ -366,6 +466,7 @@ def _evaluation_model(args: argparse.Namespace) -> tuple[str, Path | None]:
 
 def _evaluation_rewards(args: argparse.Namespace) -> dict:
     """{name: reward} of --reward and --reward-weights (the weighted sum is named 'weighted')."""
+    from align_gen.builtins import resolve_folders_in
     from align_gen.config import apply_override
     from reward_models import build_reward, get_reward
 
@@ -383,9 +484,11 @@ def _evaluation_rewards(args: argparse.Namespace) -> dict:
             sep = ""
         if not sep or not name:
             raise AlignGenError(f"--reward-weights takes NAME=WEIGHT items, e.g. clip_score=1.0; got {item!r}.")
+    options = resolve_folders_in(options)  # align-gen:world-clip and the other shipped folders
     unknown = set(options) - set(args.reward) - set(weights)
     if unknown:
         raise AlignGenError(f"--reward-option names rewards not given with --reward: {', '.join(sorted(unknown))}")
+    _say(f"loading rewards: {', '.join([*args.reward, *weights])} ...")
     rewards = {name: get_reward(name, **options.get(name, {})) for name in args.reward}
     if weights:
         rewards["weighted"] = build_reward(weights, {name: options[name] for name in weights if name in options})

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from align_gen.errors import ConfigError
+from align_gen.objectives import objective_config_class
+from align_gen.objectives.base import ObjectiveConfig
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -29,10 +31,10 @@ class LoraConfig:
     """LoRA adapters (peft) on the denoiser or a VLM's language model. ``enabled: false``
     fine-tunes all their weights."""
 
-    enabled: bool = True
+    enabled: bool = True  # false = no adapters: all the weights of the denoiser (or the VLM's language model) train
     rank: int = 4  # DDPO anchor: 4
     alpha: float = 4.0  # scale = alpha / rank; the anchor uses alpha == rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
     # Module names (or name suffixes) that get adapters; empty = the family's attention
     # projections: [to_q, to_k, to_v, to_out.0] for diffusers' UNet / transformer blocks,
     # [q_proj, k_proj, v_proj, o_proj] for a VLM's language model.
@@ -60,7 +62,7 @@ class ModelConfig:
     # every new batch shape pay the compilation (minutes at full size). compile_backend "eager"
     # traces without compiling (checks the wiring fast).
     compile: bool = False
-    compile_backend: str = "inductor"
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces without compiling
     # Diffusion policies: keep the frozen VAE and text encoders on the CPU and move them to the
     # device only while they run (prompt encoding, decoding): frees their accelerator memory
     # (SD3's T5-XXL: ~9 GB in bf16) for a PCIe transfer per use.
@@ -76,7 +78,7 @@ class SampleConfig:
     num_steps: int = 50  # denoising steps (DDPO anchor: 50)
     eta: float = 1.0  # DDIM stochasticity; must be > 0 for log-probs (anchor: 1.0)
     # Flow policies only (SD3): a in the flow SDE's std a * sqrt(sigma / (1 - sigma)); 0 = the
-    # deterministic ODE (evaluation; no log-probs to train on). Flow-GRPO / DESIGN default: 0.7.
+    # deterministic ODE (evaluation; no log-probs to train on). Flow-GRPO's default: 0.7.
     noise_level: float = 0.7
     guidance_scale: float = 5.0  # classifier-free guidance; 1 disables it (anchor: 5.0)
     batch_size: int = 8  # rollouts per forward pass, per process
@@ -84,12 +86,12 @@ class SampleConfig:
     samples_per_prompt: int = 1  # >1 draws groups of the same prompt (REBEL pairs, AWM groups)
     resolution: int | None = None  # image side in pixels; None = the model's native size
     negative_prompt: str = ""  # the unconditional branch of CFG
-    # VLM policies only: the answer sampler (log-probs are of the temperature-scaled softmax;
-    # top_p < 1 or top_k > 0 filter sampling only, which makes ratios slightly off-policy).
-    max_new_tokens: int = 32  # answer length cap, end-of-sequence token included
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    # VLM policies only, the answer sampler: log-probs are of the temperature-scaled softmax;
+    # top_p < 1 or top_k > 0 filter sampling only, which makes ratios slightly off-policy.
+    max_new_tokens: int = 32  # VLM: answer length cap, end-of-sequence token included
+    temperature: float = 1.0  # VLM: softmax temperature of the answer sampler (> 0)
+    top_p: float = 1.0  # VLM: nucleus sampling (filters sampling only); 1 = off
+    top_k: int = 0  # VLM: top-k sampling (filters sampling only); 0 = off
 
 
 @dataclasses.dataclass
@@ -100,11 +102,11 @@ class TrainConfig:
     # adamw: torch.optim.AdamW (anchor); adamw_8bit: bitsandbytes' AdamW8bit, moments in 8 bits
     # (about 1/4 of the optimizer state's memory: what matters for full fine-tuning).
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9  # AdamW's beta1
+    adam_beta2: float = 0.999  # AdamW's beta2
     weight_decay: float = 1e-4  # anchor: 1e-4
-    adam_epsilon: float = 1e-8
-    batch_size: int | None = None  # samples per minibatch; None = sample.batch_size (see below)
+    adam_epsilon: float = 1e-8  # AdamW's eps
+    batch_size: int | None = None  # samples per minibatch; None = sample.batch_size; must divide the rollouts per epoch
     gradient_accumulation_steps: int = 1  # minibatches per optimizer step
     inner_epochs: int = 1  # passes over each epoch's rollouts
     max_grad_norm: float = 1.0  # anchor: 1.0
@@ -130,6 +132,7 @@ class TrainConfig:
 class RewardConfig:
     """What is optimised: a weighted sum of registered rewards (see reward_models)."""
 
+    # reward name (built-in or registered) -> weight; several rewards are summed
     weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"jpeg_compressibility": 1.0}
     )
@@ -140,6 +143,8 @@ class RewardConfig:
 class AdvantageConfig:
     """How rewards become advantages (see align_gen.advantages)."""
 
+    # per_prompt: a running buffer of each prompt's rewards; group: the same prompt's samples in
+    # the batch; batch: the whole batch
     kind: Literal["per_prompt", "batch", "group"] = "per_prompt"
     buffer_size: int = 32  # per-prompt running buffer (anchor: 32)
     min_count: int = 16  # below this many rewards for a prompt, use batch statistics (anchor: 16)
@@ -162,7 +167,7 @@ class GridConfig:
 
     prompts: list[str] = dataclasses.field(default_factory=list)  # empty = first prompts of source
     num_prompts: int = 4  # used when ``prompts`` is empty
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # one grid column per seed
     every: int = 10  # epochs; 0 disables periodic grids (the first and last are always drawn)
 
 
@@ -204,18 +209,11 @@ class MonitorConfig:
 
 
 @dataclasses.dataclass
-class ObjectiveConfig:
-    """Base of every objective's config; ``name`` selects the objective."""
-
-    name: str = "ddpo"
-
-
-@dataclasses.dataclass
 class RunConfig:
     """A whole training run."""
 
     seed: int = 42  # every random draw of epoch e on process p derives from (seed, e, p)
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/run"  # where the run writes everything: metrics, grids, checkpoints, final model
     epochs: int = 100  # sampling epochs
     save_every: int = 10  # epochs between checkpoints; the last epoch is always saved
     keep_checkpoints: int = 2  # older checkpoints are deleted
@@ -372,9 +370,6 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
 
 
 def _objective_config_class(data: dict[str, Any], key: str) -> type:
-    # Imported here: the registry imports objective modules, which import this module.
-    from align_gen.objectives import objective_config_class
-
     name = data.get("name", ObjectiveConfig.name)
     return objective_config_class(str(name), key=f"{key}.name" if key else "name")
 

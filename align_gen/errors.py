@@ -2,8 +2,22 @@
 
 Raise these (never a bare assert or a library traceback) for bad input: a config key that does
 not exist, a value of the wrong type, a missing file or weight, a reward that returns NaN.
-Each message says what was wrong, what is valid, and what to do.
+Each message says what was wrong, what is valid, and what to do. The reward models, a package
+of their own, raise theirs (:mod:`reward_models.errors`); :data:`USER_ERRORS` is both kinds.
 """
+
+from reward_models.errors import RewardError, RewardModelError
+
+__all__ = [
+    "USER_ERRORS",
+    "AlignGenError",
+    "CheckpointError",
+    "ConfigError",
+    "MissingWeightsError",
+    "NonFiniteSamplesError",
+    "RewardError",
+    "TrainingDivergedError",
+]
 
 
 class AlignGenError(Exception):
@@ -18,10 +32,6 @@ class MissingWeightsError(AlignGenError, FileNotFoundError):
     """A model's weights are not available locally (and the hub is unreachable)."""
 
 
-class RewardError(AlignGenError, RuntimeError):
-    """A reward is unknown, failed, or returned a non-finite value."""
-
-
 class CheckpointError(AlignGenError):
     """A checkpoint is missing, damaged (does not match its manifest) or unreadable."""
 
@@ -32,3 +42,7 @@ class NonFiniteSamplesError(AlignGenError, RuntimeError):
 
 class TrainingDivergedError(AlignGenError, RuntimeError):
     """The loss, gradients, weights or samples became NaN or infinite during training."""
+
+
+# What the CLI reports as one line with exit status 2: every error the user's input causes.
+USER_ERRORS = (AlignGenError, RewardModelError)

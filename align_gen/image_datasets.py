@@ -33,13 +33,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from align_gen.durable import read_user_text
 from align_gen.errors import ConfigError
 from align_gen.types import VisualPrompt
+from reward_models.images import image_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_FIELDS = ("prompt", "caption", "text", "question")
@@ -121,18 +121,6 @@ def row_answer(row: dict[str, Any]) -> str | None:
     if isinstance(value, dict):
         value = value.get("answer")
     return None if value is None else str(value)
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]: an image's RGB pixels / 255 (the reward input format)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
-def to_uint8_pixels(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 on the CPU, rounded (the inverse of
-    :func:`image_to_tensor` up to rounding; what PIL, JPEG encoding and grids take)."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
-    return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:

@@ -2,8 +2,7 @@
 
 A kernel returns ``(x_prev, log pi(x_prev | x_t, c))``. The same function draws the transition
 during a rollout (``prev_sample=None``) and re-scores the stored transition during training
-(``prev_sample`` given), so sampling and training can never drift apart (DESIGN.md, "Transition
-kernels"). Log-probs are always computed in float32, whatever the model's dtype.
+(``prev_sample`` given), so sampling and training can never drift apart. Log-probs are always computed in float32, whatever the model's dtype.
 """
 
 from __future__ import annotations

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from align_gen.config import MonitorConfig, RunConfig
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
+from align_gen.errors import ConfigError, MissingWeightsError
 from align_gen.objectives.base import Objective
 from align_gen.policy import Policy
 from align_gen.types import Rollout, VisualPrompt
+from reward_models.errors import RewardModelError, RewardWeightsMissingError
 
 Tensor = torch.Tensor
 PREFIX = "monitor/"
@@ -89,7 +90,7 @@ def chain_kl_estimate(log_probs: Tensor, base_log_probs: Tensor, step_mask: Tens
 
 def log_prob_scale(rollout: Rollout) -> int:
     """What turns a recorded step log-prob into the step's joint log-density: a diffusion
-    policy records the mean over the latent's elements (DESIGN's convention), so the element
+    policy records the mean over the latent's elements (the kernels' convention), so the element
     count of one latent; a VLM's token log-prob is already exact, so 1."""
     return 1 if rollout.trajectory.dim() == 2 else rollout.trajectory[0, 0].numel()
 
@@ -169,7 +170,8 @@ class Monitors:
     def _diversity_encoder(self, pretrained: str):
         """The CLIP of ``monitors.clip_model``; by default the world CLIP for built-in models
         (None, with a note, for other models or when the world CLIP is not built)."""
-        from align_gen.world import PREFIX as BUILTIN
+        from align_gen.builtins import PREFIX as BUILTIN
+        from align_gen.builtins import resolve_folder
         from reward_models.hf_clip import TransformersClipEncoder
 
         name = self.config.clip_model
@@ -182,13 +184,13 @@ class Monitors:
                 return None
             name = WORLD_CLIP
         try:
-            return TransformersClipEncoder(name, device=self.accelerator.device, reward="monitors")
-        except MissingWeightsError as error:
+            return TransformersClipEncoder(resolve_folder(name), device=self.accelerator.device, reward="monitors")
+        except (MissingWeightsError, RewardWeightsMissingError) as error:
             if self.config.clip_model is None:
                 self.notes.append(f"monitor/diversity is off: the default {WORLD_CLIP} is not available ({error}).")
                 return None
             raise MissingWeightsError(self._clip_fix(name, error)) from error
-        except (ConfigError, RewardError, OSError) as error:
+        except (RewardModelError, OSError) as error:
             raise ConfigError(self._clip_fix(name, error)) from error
 
     @staticmethod

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from align_gen.errors import ConfigError
-from align_gen.image_datasets import to_uint8_pixels
+from reward_models.images import to_uint8_pixels
 
 PAIRS_FILE = "pairs.jsonl"
 

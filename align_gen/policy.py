@@ -6,6 +6,11 @@ recording the log-likelihood of every step, re-score stored steps under the curr
 through the same code, compute the model's pre-training loss on clean samples, and evaluate the
 frozen reference model. DDPO, REBEL, AWM and SePPO use nothing else, which is why each of them
 runs on every model family without per-pair code.
+
+The protocol is the whole contract: the trainer and the objectives touch nothing of a policy
+that is not declared here (a test reads their code to hold them to it), so a new model family is
+one class that implements these members, plus a line in the family registry of
+:func:`align_gen.policies.build_policy`.
 """
 
 from __future__ import annotations
@@ -28,11 +33,9 @@ class Policy(Protocol):
     resolution: int  # side in pixels of the images the policy generates (or takes, for a VLM)
     # True for a VLM: its prompts are VisualPrompts (an image and a question).
     takes_images: bool
-    # Steps an objective re-scores per piece (one step_log_prob call, one backward): None = all of
-    # them at once, for a policy whose one forward pass scores every step (a VLM's teacher-forced
-    # pass); k for a diffusion policy, whose step_log_prob runs k steps of each sample as one
-    # denoiser forward of k * B rows (train.steps_per_forward; 1 = one step per forward).
-    steps_per_forward: int | None
+    # The module that holds every trainable weight: what the trainer hands to accelerate and
+    # checks for NaN after each update. Forward passes go through use_forward_module's module.
+    model: torch.nn.Module
 
     def sample(
         self,
@@ -49,6 +52,19 @@ class Policy(Protocol):
             images: (B, 3, H, W) in [0, 1], the input images of a VLM whose ``prompts`` are
                 strings; None for text-to-image (and for VisualPrompts, which carry their own).
         """
+        ...
+
+    def step_pieces(self, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``steps`` ((k,) or (B, k) step indices) cut along the last dimension into the pieces
+        one forward pass scores: :meth:`set_steps_per_forward`'s number of columns each for a
+        diffusion policy, all of them in one piece for a policy whose one forward pass scores
+        every step (a VLM's teacher-forced pass). An objective that backpropagates step by step
+        re-scores one piece per :meth:`step_log_prob` call (see :func:`split_steps`)."""
+        ...
+
+    def set_steps_per_forward(self, steps: int) -> None:
+        """Re-scores ``steps`` denoising steps per forward pass (``train.steps_per_forward``;
+        1 = one step per forward); ignored by a policy whose one pass scores every step."""
         ...
 
     def step_log_prob(self, rollout: Rollout, steps: torch.Tensor) -> torch.Tensor:
@@ -126,10 +142,31 @@ class Policy(Protocol):
         """A CPU copy of the trainable weights, keyed by parameter name."""
         ...
 
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies a :meth:`trainable_state_dict` (a checkpoint's weights) into the model."""
+        ...
+
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         """The parameters the optimizer updates (LoRA adapters or the full denoiser)."""
+        ...
+
+    def use_forward_module(self, module: torch.nn.Module) -> None:
+        """Sends every forward pass through ``module``, :attr:`model` wrapped for training: the
+        wrapper accelerate puts around it (DDP, FSDP), or ``torch.compile`` of that."""
+        ...
+
+    def set_training_mode(self, training: bool) -> None:
+        """Training (True) or evaluation (False) mode of :attr:`model` (dropout and the like);
+        a policy samples in evaluation mode."""
         ...
 
     def save(self, path: str | Path) -> None:
         """Writes the trained weights in the format the underlying library loads."""
         ...
+
+
+def split_steps(steps: torch.Tensor, per_forward: int | None) -> tuple[torch.Tensor, ...]:
+    """``steps`` ((k,) or (B, k)) cut along the last dimension into pieces of ``per_forward``
+    columns (the last one shorter), or one piece when ``per_forward`` is None: the one place
+    where re-scored steps are grouped into forward passes (:meth:`Policy.step_pieces`)."""
+    return steps.split(per_forward or max(1, steps.shape[-1]), dim=-1)

@@ -5,7 +5,8 @@ Files written into the output folder (:func:`write_outputs`):
     scores.json      every sample: model, role (A = the evaluated model, B = --compare), prompt,
                      prompt index, seed, each reward's score (and a VLM's answer)
     scores.csv       the same, one row per sample and one column per reward
-    summary.json     per reward and model: mean, std, 95% CI; B - A: mean difference, win rate
+    summary.json     per reward and model: mean, std, 95% CI; B - A: mean difference, win rate,
+                     each comparison naming both models and saying which scores higher
     samples.png      one model: prompts (rows) x seeds (columns), each labelled with its score
     comparison.png   two models: the same prompts and seeds, A's grid beside B's
     report.md/.html  the tables, the grid, the statistics used and, given a training run folder,
@@ -36,7 +37,8 @@ STATISTICS = (
     "samples of one prompt are correlated, so each prompt's mean over its seeds is one unit "
     "(mean +- t(0.975, P-1) * sd(prompt means) / sqrt(P)); with one prompt the seeds are the units. "
     "It is the interval for prompts drawn like these ones, conservative for this exact list. "
-    "std is the standard deviation of all samples. B - A is computed per sample (same prompt and "
+    "std is the standard deviation of all samples. A is the evaluated model, B the --compare model. "
+    "B - A is computed per sample (same prompt and "
     "seed) with the same interval; the win rate counts a pair where B scores higher as 1, a tie as "
     "1/2 and a loss as 0, and its interval (same method) is clipped to [0, 1]."
 )
@@ -51,6 +53,40 @@ class EvaluatedModel:
     name: str
     lora: str | None
     samples: ScoredSamples
+
+    @property
+    def label(self) -> str:
+        """The model's name, with its LoRA weights when it has some."""
+        return model_label(self.name, self.lora)
+
+
+def model_label(name: str, lora: str | None) -> str:
+    """How reports name a model: ``name``, or ``name + LoRA lora``."""
+    return name if not lora else f"{name} + LoRA {lora}"
+
+
+def comparison_result(c: dict[str, Any], a: str, b: str) -> str:
+    """Which model scores higher, in words that name both (``a`` and ``b``: the labels of A and
+    B), from :func:`~align_gen.evaluation.paired_comparison`'s B - A: a model is higher when the
+    95% interval of the difference excludes 0."""
+    d, low, high = c["mean_difference"], c["difference_ci_low"], c["difference_ci_high"]
+    if low is None or high is None:
+        return f"B ({b}) - A ({a}) = {d:.4g} (no interval: a single paired unit)"
+    if low > 0:
+        return f"B ({b}) scores higher than A ({a}), by {d:.4g} (95% CI [{low:.4g}, {high:.4g}])"
+    if high < 0:
+        return f"A ({a}) scores higher than B ({b}), by {-d:.4g} (95% CI [{-high:.4g}, {-low:.4g}])"
+    return f"no clear difference between A ({a}) and B ({b}): B - A = {d:.4g}, 95% CI [{low:.4g}, {high:.4g}] holds 0"
+
+
+def higher_model(c: dict[str, Any]) -> str | None:
+    """"A" or "B" when the 95% interval of B - A excludes 0 (that model scores higher), else None."""
+    low, high = c["difference_ci_low"], c["difference_ci_high"]
+    if low is not None and low > 0:
+        return "B"
+    if high is not None and high < 0:
+        return "A"
+    return None
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,40 +201,61 @@ def sample_records(models: Sequence[EvaluatedModel], prompts: Sequence, seeds: S
 def build_summary(models: Sequence[EvaluatedModel], prompts: Sequence, settings: dict[str, Any]) -> dict[str, Any]:
     """summary.json: the settings, model A's per-reward statistics at the top level (``model``,
     ``lora``, ``rewards``: the former ``align-gen evaluate`` report), B's under ``compare``, and
-    ``comparison``: B - A per reward (:func:`~align_gen.evaluation.paired_comparison`)."""
+    ``comparison``: B - A per reward (:func:`~align_gen.evaluation.paired_comparison`), each with
+    ``direction`` (what was subtracted from what, the models named), ``higher`` ("A", "B" or
+    None: no clear difference) and ``result`` (the same in words); ``comparison_direction``
+    names A and B once more."""
     first = models[0]
     summary: dict[str, Any] = {"model": first.name, "lora": first.lora, **settings, "num_prompts": len(prompts),
                                "rewards": summarise(first.samples.scores, len(prompts))}
     if len(models) > 1:
         other = models[1]
+        a, b = first.label, other.label
         summary["compare"] = {"model": other.name, "lora": other.lora,
                               "rewards": summarise(other.samples.scores, len(prompts))}
-        summary["comparison"] = {
-            name: paired_comparison(first.samples.scores[name], other.samples.scores[name], len(prompts))
-            for name in first.samples.scores
+        summary["comparison_direction"] = {
+            "A": a,
+            "B": b,
+            "difference": f"B ({b}) - A ({a})",
+            "meaning": f"mean_difference > 0: B ({b}) scores higher than A ({a}); win_rate: the share of "
+            f"paired samples where B ({b}) scores higher (a tie counts a half); wins / ties / losses: of B",
         }
+        summary["comparison"] = {}
+        for name in first.samples.scores:
+            c = paired_comparison(first.samples.scores[name], other.samples.scores[name], len(prompts))
+            summary["comparison"][name] = {"direction": f"B ({b}) - A ({a})", **c, "higher": higher_model(c),
+                                           "result": comparison_result(c, a, b)}
     summary["statistics"] = STATISTICS
     return summary
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The summary as the text table ``align-gen evaluate`` prints: per reward and model the mean,
-    std, 95% CI and n; with a comparison, B - A and B's win rate with their intervals."""
+    """The summary as the text ``align-gen evaluate`` prints: which model is A (and B), per reward
+    and model the mean, std, 95% CI and n; with a comparison, B - A and B's win rate with their
+    intervals, and per reward one line saying which model scores higher, naming both."""
 
     def cell(low: float | None, high: float | None) -> str:
         return "" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
 
-    lines = [f"{'reward':<28}{'model':>6}{'mean':>12}{'std':>12}{'95% CI':>26}{'n':>6}"]
+    a = model_label(summary["model"], summary.get("lora"))
+    lines = [f"A = {a}"]
+    if "compare" in summary:
+        b = model_label(summary["compare"]["model"], summary["compare"].get("lora"))
+        lines.append(f"B = {b}")
+    lines.append(f"{'reward':<28}{'model':>6}{'mean':>12}{'std':>12}{'95% CI':>26}{'n':>6}")
     for role, rewards in (("A", summary["rewards"]), ("B", summary.get("compare", {}).get("rewards", {}))):
         for name, row in rewards.items():
             ci = cell(row["ci_low"], row["ci_high"])
             lines.append(f"{name:<28}{role:>6}{row['mean']:>12.4f}{row['std']:>12.4f}{ci:>26}{row['n']:>6}")
     if "comparison" in summary:
-        lines.append(f"{'B - A':<28}{'difference':>12}{'95% CI':>26}{'win rate of B':>15}{'95% CI':>20}")
+        lines.append(f"paired by prompt and seed; B - A = B ({b}) minus A ({a}):")
+        lines.append(f"{'reward':<28}{'B - A':>12}{'95% CI':>26}{'win rate of B':>15}{'95% CI':>20}")
         for name, c in summary["comparison"].items():
             change = cell(c["difference_ci_low"], c["difference_ci_high"])
             win = cell(c["win_rate_ci_low"], c["win_rate_ci_high"])
             lines.append(f"{name:<28}{c['mean_difference']:>12.4f}{change:>26}{c['win_rate']:>15.3f}{win:>20}")
+        for name, c in summary["comparison"].items():
+            lines.append(f"{name}: {comparison_result(c, a, b)}")
     return "\n".join(lines)
 
 
@@ -221,7 +278,7 @@ def sample_grid_image(models: Sequence[EvaluatedModel], prompts: Sequence, seeds
             labels.append(f"{score:.3g} (seed {seeds[seed_index]}) {prompts[prompt_index]}{answer}")
         images = torch.stack([model.samples.images[key] for key in kept]).float() / 255
         panels.append(render_grid(images, labels, columns=columns))
-        titles.append(f"{model.role}: {model.name}")
+        titles.append(f"{model.role}: {model.label}")
     return panels[0] if len(panels) == 1 else side_by_side(panels, titles)
 
 
@@ -241,19 +298,28 @@ def summary_blocks(summary: dict[str, Any], models: Sequence[EvaluatedModel], pr
     rows = []
     for model, rewards in zip(models, [summary["rewards"], summary.get("compare", {}).get("rewards")], strict=False):
         for name, row in rewards.items():
-            rows.append([name, f"{model.role}: {model.name}", number(row["mean"]), number(row["std"]),
+            rows.append([name, f"{model.role}: {model.label}", number(row["mean"]), number(row["std"]),
                          interval(row["ci_low"], row["ci_high"]), str(row["n"])])
     blocks.append(Table(["reward", "model", "mean", "std", "95% CI", "n"], rows))
     if "comparison" in summary:
-        blocks += [Heading("Paired comparison: B - A (same prompts and seeds)"), Table(
-            ["reward", "mean A", "mean B", "B - A", "95% CI", "win rate of B", "95% CI", "wins / ties / losses"],
-            [[name, number(c["mean_a"]), number(c["mean_b"]), number(c["mean_difference"]),
-              interval(c["difference_ci_low"], c["difference_ci_high"]), number(c["win_rate"], 3),
-              interval(c["win_rate_ci_low"], c["win_rate_ci_high"]), f"{c['wins']} / {c['ties']} / {c['losses']}"]
-             for name, c in summary["comparison"].items()],
-        )]
+        a, b = models[0].label, models[1].label
+        blocks += [
+            Heading(f"Paired comparison: B ({b}) - A ({a}), same prompts and seeds"),
+            Paragraph(f"B - A > 0: B (`{b}`) scores higher than A (`{a}`); B - A < 0: A scores higher. The win "
+                      f"rate is the share of paired samples where B (`{b}`) scores higher (a tie counts a half)."),
+            Table(
+                ["reward", f"mean A ({a})", f"mean B ({b})", "B - A", "95% CI", "win rate of B", "95% CI",
+                 "B wins / ties / B loses", "result"],
+                [[name, number(c["mean_a"]), number(c["mean_b"]), number(c["mean_difference"]),
+                  interval(c["difference_ci_low"], c["difference_ci_high"]), number(c["win_rate"], 3),
+                  interval(c["win_rate_ci_low"], c["win_rate_ci_high"]), f"{c['wins']} / {c['ties']} / {c['losses']}",
+                  comparison_result(c, a, b)]
+                 for name, c in summary["comparison"].items()],
+            ),
+        ]
     if grid is not None:
-        what = "A (left) and B (right), the same prompts and seeds" if len(models) > 1 else "rows = prompts, columns = seeds"
+        what = (f"A ({models[0].label}, left) and B ({models[1].label}, right), the same prompts and seeds"
+                if len(models) > 1 else "rows = prompts, columns = seeds")
         reward = next(iter(summary["rewards"]))
         blocks += [Heading("Samples"), Figure(grid, f"{what}; each captioned with its {reward} score, seed and prompt")]
     blocks += _prompt_blocks(models, prompts)
@@ -268,10 +334,10 @@ def _prompt_blocks(models: Sequence[EvaluatedModel], prompts: Sequence, count: i
     key = means[-1] - means[0] if len(models) > 1 else means[0]
     order = key.argsort().tolist()
     shown = order if len(order) <= 2 * count else order[:count] + order[-count:]
-    header = ["prompt", *(f"mean {m.role}" for m in models)] + (["B - A"] if len(models) > 1 else [])
+    header = ["prompt", *(f"mean {m.role} ({m.label})" for m in models)] + (["B - A"] if len(models) > 1 else [])
     rows = [[str(prompts[i]), *(number(float(m[i])) for m in means)] + ([number(float(key[i]))] if len(models) > 1 else [])
             for i in shown]
-    what = "B - A" if len(models) > 1 else "the mean"
+    what = f"B - A (B = {models[1].label}, A = {models[0].label})" if len(models) > 1 else "the mean"
     return [Heading(f"Prompts: lowest and highest {what} of `{reward}`"), Table(header, rows)]
 
 
@@ -308,8 +374,13 @@ def training_run_blocks(run_dir: Path, out_dir: Path, figure_name: str = "traini
             [[str(r["epochs_done"]), number(r["mean"]), interval(r["ci_low"], r["ci_high"]), number(r.get("change")),
               interval(r.get("change_ci_low"), r.get("change_ci_high"))] for r in curve])]
     if monitors or curve:
-        _plot_training(monitors, curve, out_dir / figure_name)
-        blocks.append(Figure(figure_name, "held-out reward (95% CI band) and each monitor over epochs"))
+        skipped = _plot_training(monitors, curve, out_dir / figure_name)
+        if skipped is None:
+            blocks.append(Paragraph("No figure: every series has fewer than 2 points (their values are in the tables)."))
+        else:
+            note = f"; fewer than 2 points, in the tables only: {', '.join(skipped)}" if skipped else ""
+            blocks.append(Figure(figure_name, "held-out reward (95% CI band) and each monitor against the epochs of "
+                                              f"updates done when the samples were drawn{note}"))
     return blocks
 
 
@@ -336,33 +407,62 @@ def _heldout_curve(run_dir: Path, evaluations: list[dict[str, Any]]) -> list[dic
     return curve
 
 
-def _plot_training(monitors: dict[str, dict[int, float]], curve: list[dict[str, Any]], path: Path) -> None:
+def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str, Any]]):
+    """A training run's figure: one panel per series with at least 2 finite points (the held-out
+    reward with its 95% band, then each monitor) against the epochs of updates done (integer
+    ticks). Returns ``(figure or None when no series has 2 points, the titles left out)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    panels = (["held-out reward"] if curve else []) + list(monitors)
+    from align_gen.tracking import EPOCH_AXIS
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    if curve:
+        series["held-out reward"] = [(p["epochs_done"], p["mean"]) for p in curve if not math.isnan(p["mean"])]
+    for title, values in monitors.items():
+        series[title] = sorted((e, v) for e, v in values.items() if not math.isnan(v))
+    skipped = [title for title, points in series.items() if len(points) < 2]
+    panels = [title for title in series if title not in skipped]
+    if not panels:
+        return None, skipped
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for axis, title in zip(axes.flat, panels, strict=False):
+        points = series[title]
         if title == "held-out reward":
             x = [p["epochs_done"] for p in curve]
             axis.plot(x, [p["mean"] for p in curve], marker="s", color="tab:red")
             if all(p["ci_low"] is not None for p in curve):
                 axis.fill_between(x, [p["ci_low"] for p in curve], [p["ci_high"] for p in curve], color="tab:red", alpha=0.2)
         else:
-            points = sorted((e, v) for e, v in monitors[title].items() if not math.isnan(v))
             axis.plot([e for e, _ in points], [v for _, v in points], marker="o", markersize=3)
         axis.set_title(title, fontsize=9)
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("epochs of updates done", fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
+    figure.suptitle(f"x: {EPOCH_AXIS}", fontsize=8)
     figure.tight_layout()
+    return figure, skipped
+
+
+def _plot_training(monitors: dict[str, dict[int, float]], curve: list[dict[str, Any]], path: Path) -> list[str] | None:
+    """Writes :func:`training_figure` to ``path``; returns the series left out, or None when
+    there was nothing to draw (no file written)."""
+    import matplotlib.pyplot as plt
+
+    figure, skipped = training_figure(monitors, curve)
+    if figure is None:
+        path.unlink(missing_ok=True)  # an earlier report's figure
+        return None
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return skipped
 
 
 def write_outputs(

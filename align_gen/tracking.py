@@ -89,43 +89,69 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+EPOCH_AXIS = "epochs of updates done when the samples were drawn"
+KEY_LABELS = {"reward_mean": "mean reward"}
+
+
 def plot_learning_curve(
     metrics_path: str | Path,
     out_path: str | Path,
     key: str = "reward_mean",
     evaluation_path: str | Path | None = None,
 ) -> None:
-    """Plots ``key`` (with +-1 std when ``<key minus _mean>_std`` exists) against the epoch, and,
-    when ``evaluation_path`` exists, the held-out evaluation's mean reward at the epoch whose
-    samples the evaluated policy drew (``epochs_done``)."""
+    """Writes :func:`learning_curve_figure` of a run's metrics (and held-out evaluations, when
+    ``evaluation_path`` exists) to ``out_path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
+    evaluations = (
+        read_metrics(evaluation_path) if evaluation_path is not None and Path(evaluation_path).is_file() else []
+    )
+    figure = learning_curve_figure(rows, evaluations, key)
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+
+
+def learning_curve_figure(rows: list[dict[str, Any]], evaluations: list[dict[str, Any]], key: str = "reward_mean"):
+    """The learning curve: ``key`` of each training epoch (with +-1 std when ``<key minus
+    _mean>_std`` exists) and the held-out evaluations' mean reward, on one x axis: the epochs of
+    updates done when the samples were drawn. A training row ``"epoch": e`` holds the samples
+    drawn before epoch e's update, so with e updates done; a held-out row ``"epochs_done": k``
+    was sampled after k updates (0: before training). Epochs get integer ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in rows]
     values = [row[key] for row in rows]
+    label = KEY_LABELS.get(key, key)
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(epochs, values, marker="o", label=key)
+    samples = f", {rows[0]['samples']} per epoch" if rows and "samples" in rows[0] else ""
+    axis.plot(epochs, values, marker="o", label=f"training samples ({label}{samples})")
     std_key = key.replace("_mean", "_std")
-    if std_key != key and all(std_key in row for row in rows):
+    if std_key != key and rows and all(std_key in row for row in rows):
         low = [v - row[std_key] for v, row in zip(values, rows, strict=True)]
         high = [v + row[std_key] for v, row in zip(values, rows, strict=True)]
-        axis.fill_between(epochs, low, high, alpha=0.2, label="+-1 std")
-    if evaluation_path is not None and Path(evaluation_path).is_file():
-        evaluations = read_metrics(evaluation_path)
+        axis.fill_between(epochs, low, high, alpha=0.2, label="training samples: +-1 std")
+    if evaluations:
         axis.plot(
             [row["epochs_done"] for row in evaluations],
             [row["reward_mean"] for row in evaluations],
             marker="s",
             color="tab:red",
-            label=f"held-out evaluation ({evaluations[0]['n']} samples)" if evaluations else "held-out evaluation",
+            label=f"held-out evaluation ({label}, {evaluations[0]['n']} samples)"
+            if "n" in evaluations[0]
+            else f"held-out evaluation ({label})",
         )
-    axis.set_xlabel("epoch")
-    axis.set_ylabel(key)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel(EPOCH_AXIS)
+    axis.set_ylabel(label if evaluations else f"{label} (training samples)")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out_path, dpi=100)
-    plt.close(figure)
+    return figure

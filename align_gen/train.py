@@ -21,7 +21,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from align_gen.advantages import build_advantage_fn
-from align_gen.checkpoint import save_checkpoint, set_aside_diverged
+from align_gen.builtins import resolve_folders_in
+from align_gen.checkpoint import Checkpoint, save_checkpoint, set_aside_diverged
 from align_gen.config import RunConfig
 from align_gen.durable import write_folder_atomic
 from align_gen.errors import (
@@ -77,23 +78,91 @@ def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + process)
 
 
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything one run holds between its epochs (built by :func:`setup`)."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    output_dir: Path
+    policy: Policy
+    objective: Objective
+    reward_fn: Any
+    advantage_fn: Any
+    optimizer: torch.optim.Optimizer
+    monitors: Monitors
+    prompts: list
+    grid_prompts: list
+    evaluation_prompts: list | None
+    log: MetricsLog | None = None
+    evaluation_log: MetricsLog | None = None
+    grids: list[Path] = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    global_step: int = 0
+    updates_done: int = 0  # the epochs of updates behind the current weights
+
+
 def train(config: RunConfig) -> TrainResult:
+    """Trains ``config``'s policy with its objective; returns where the outputs went."""
+    run = setup(config)
+    epochs = tqdm(
+        range(run.start_epoch, config.epochs),
+        desc="epochs",
+        initial=run.start_epoch,
+        total=config.epochs,
+        disable=not run.accelerator.is_local_main_process,
+    )
+    try:
+        for epoch in epochs:
+            metrics = run_epoch(run, epoch)
+            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
+        run.log.close()
+        run.evaluation_log.close()
+        run.grids.append(_save_grid(run, config.epochs))
+    except NonFiniteSamplesError as error:  # finite weights that sample NaN: the training diverged
+        raise _diverged(error, config, run.output_dir, run.updates_done, run.accelerator) from None
+    return finish(run)
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+
+
+def setup(config: RunConfig) -> TrainingRun:
+    """Checks what can be checked before any model loads, builds the run's parts, resumes from
+    its checkpoint when there is one, opens its logs and draws the grid and held-out evaluation
+    of the untrained model."""
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
-    output_dir = Path(config.output_dir)
     check_reward_config(config.reward.weights, config.reward.options)  # names and options, before any model loads
     checkpoint = open_run(
         config, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, say=accelerator.print
     )
+    run = build_run(config, accelerator)
+    if checkpoint is not None:
+        resume(run, checkpoint)
+    run.optimizer = prepare_model(run.policy, run.optimizer, config, accelerator)
+    open_logs(run)
+    if run.start_epoch == 0:
+        run.grids.append(_save_grid(run, 0))
+        run.monitors.record_heldout(0, _evaluate(run, 0))
+    elif accelerator.is_main_process:  # the evaluation of the checkpoint's weights, for its monitor row
+        run.monitors.read_heldout(run.output_dir / EVALUATION_FILE, run.start_epoch)
+    return run
 
+
+def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
+    """The objective, the prompts (before the model: a bad prompt file is reported before
+    minutes of loading), the policy, the reward, the advantage normaliser, the optimizer and
+    the monitors."""
     objective = build_objective(config.objective)
     objective.check(config)
-    # Prompts before the model: a bad prompt file is reported before minutes of loading.
     takes_images = is_vlm_source(config.model.pretrained)
     prompts = load_prompts(config.prompts.source, visual=takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, takes_images)
     evaluation_prompts = _evaluation_prompts(config, takes_images)
+    accelerator.print(f"loading {config.model.pretrained} ...")
     policy = build_policy(config.model, config.sample, accelerator.device)
-    reward_fn = build_reward(config.reward.weights, config.reward.options)
+    reward_fn = build_reward(config.reward.weights, resolve_folders_in(config.reward.options))
     if getattr(reward_fn, "needs_texts", False) and not policy.takes_images:
         raise ConfigError(
             f"the reward {reward_fn.name!r} scores generated texts, so it needs a vision-language policy; "
@@ -102,140 +171,162 @@ def train(config: RunConfig) -> TrainResult:
     advantage_settings = {"clip": config.advantage.clip}
     if config.advantage.kind == "per_prompt":
         advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
-    advantage_fn = build_advantage_fn(config.advantage.kind, **advantage_settings)
     optimizer = build_optimizer(policy, config.train)
-
     objective.setup(policy, config)
     monitors = Monitors(config, policy, objective, accelerator)
     for note in monitors.notes:
         accelerator.print(note)
-
-    start_epoch, global_step = 0, 0
-    if checkpoint is not None:
-        policy.load_trainable_state_dict(checkpoint.weights)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        advantage_fn.load_state_dict(checkpoint.state["advantage"])
-        objective.load_state_dict(checkpoint.objective_state)
-        start_epoch, global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
-        accelerator.print(f"resumed from {checkpoint.path} after epoch {start_epoch}")
-    optimizer = prepare_model(policy, optimizer, config, accelerator)
-
-    log = MetricsLog(
-        output_dir, redo_from=start_epoch, tensorboard=config.tensorboard, enabled=accelerator.is_main_process
+    return TrainingRun(
+        config=config,
+        accelerator=accelerator,
+        output_dir=Path(config.output_dir),
+        policy=policy,
+        objective=objective,
+        reward_fn=reward_fn,
+        advantage_fn=build_advantage_fn(config.advantage.kind, **advantage_settings),
+        optimizer=optimizer,
+        monitors=monitors,
+        prompts=prompts,
+        grid_prompts=grid_prompts,
+        evaluation_prompts=evaluation_prompts,
     )
-    evaluation_log = MetricsLog(
-        output_dir,
-        redo_from=start_epoch + 1,
+
+
+def resume(run: TrainingRun, checkpoint: Checkpoint) -> None:
+    """Loads the checkpoint's weights, optimizer, advantage and objective state and counters."""
+    run.policy.load_trainable_state_dict(checkpoint.weights)
+    run.optimizer.load_state_dict(checkpoint.optimizer_state)
+    run.advantage_fn.load_state_dict(checkpoint.state["advantage"])
+    run.objective.load_state_dict(checkpoint.objective_state)
+    run.start_epoch, run.global_step = checkpoint.state["epoch"], checkpoint.state["global_step"]
+    run.updates_done = run.start_epoch
+    run.accelerator.print(f"resumed from {checkpoint.path} after epoch {run.start_epoch}")
+
+
+def open_logs(run: TrainingRun) -> None:
+    """The training metrics and held-out evaluation logs (rows from ``start_epoch`` on are
+    redone), and the run's config record."""
+    config, is_main = run.config, run.accelerator.is_main_process
+    run.log = MetricsLog(run.output_dir, redo_from=run.start_epoch, tensorboard=config.tensorboard, enabled=is_main)
+    run.evaluation_log = MetricsLog(
+        run.output_dir,
+        redo_from=run.start_epoch + 1,
         tensorboard=config.tensorboard,
-        enabled=accelerator.is_main_process and evaluation_prompts is not None,
+        enabled=is_main and run.evaluation_prompts is not None,
         filename=EVALUATION_FILE,
         epoch_key="epochs_done",
         tensorboard_prefix="evaluation/",
     )
-    if accelerator.is_main_process:
-        record_config(config, start_epoch)
-    grids = []
-    if start_epoch == 0:
-        grids.append(_save_grid(policy, grid_prompts, config, output_dir, 0, accelerator))
-        heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, 0, evaluation_log, accelerator)
-        monitors.record_heldout(0, heldout)
-    elif accelerator.is_main_process:  # the evaluation of the checkpoint's weights, for its monitor row
-        monitors.read_heldout(output_dir / EVALUATION_FILE, start_epoch)
+    if is_main:
+        record_config(config, run.start_epoch)
 
-    epochs = tqdm(
-        range(start_epoch, config.epochs),
-        desc="epochs",
-        initial=start_epoch,
-        total=config.epochs,
-        disable=not accelerator.is_local_main_process,
-    )
-    updates_done = start_epoch  # the epochs of updates behind the current weights
-    try:
-        for epoch in epochs:
-            generator = epoch_generator(config.seed, epoch, accelerator.process_index)
-            torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
-            started = time.perf_counter()
 
-            # 1. rollouts, no grad
-            rollouts = collect_rollouts(policy, objective, prompts, config, generator, accelerator)
-            sampled = time.perf_counter()
+# --------------------------------------------------------------------------------------------
+# one epoch
 
-            # 2. rewards, 3. advantages over the global batch
-            rewards = score(reward_fn, rollouts).to(accelerator.device)
-            all_rewards = accelerator.gather(rewards).cpu()
-            all_prompts = gather_object([_prompt_key(prompt) for prompt in rollouts.prompts])
-            all_advantages = advantage_fn(all_prompts, all_rewards)
-            local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
-            rollouts.rewards = rewards
-            rollouts.advantages = all_advantages[local].to(accelerator.device)
 
-            # 3b. over-optimisation monitors, on the weights that drew the rollouts (no grad)
-            monitoring = time.perf_counter()
-            monitor_metrics = monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))
-            monitored = time.perf_counter()
+def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """The five steps of an epoch: 1. rollouts, 2. rewards, 3. advantages over the global
+    batch, 4. the update, 5. log, grids, evaluation and checkpoints. Returns the logged row."""
+    config, accelerator, policy = run.config, run.accelerator, run.policy
+    generator = epoch_generator(config.seed, epoch, accelerator.process_index)
+    torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
+    started = time.perf_counter()
 
-            # 4. update (a non-finite loss, gradient or weight stops the run here, before any save)
-            update_metrics, steps = update(policy, objective, optimizer, rollouts, config, generator, accelerator)
-            check_finite_weights(policy, config, epoch)
-            updates_done = epoch + 1
-            global_step += steps
-            update_metrics.update(objective.end_epoch(policy, global_step))
-            finished = time.perf_counter()
+    rollouts = collect_rollouts(policy, run.objective, run.prompts, config, generator, accelerator)
+    sampled = time.perf_counter()
 
-            # 5. log, grids, checkpoints
-            metrics = {
-                "epoch": epoch,
-                "global_step": global_step,
-                "reward_mean": float(all_rewards.mean()),
-                "reward_std": float(all_rewards.std(unbiased=False)),
-                **_reward_term_metrics(reward_fn),
-                **update_metrics,
-                **monitor_metrics,
-                "samples": len(all_rewards),
-                "time_sampling_s": sampled - started,
-                "time_monitors_s": monitored - monitoring,
-                "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
-            }
-            log.log(metrics)
-            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics.get('approx_kl', 0):.2g}")
-            done = epoch + 1
-            if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
-                grids.append(_save_grid(policy, grid_prompts, config, output_dir, done, accelerator))
-            if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
-                heldout = _evaluate(policy, reward_fn, evaluation_prompts, config, done, evaluation_log, accelerator)
-                monitors.record_heldout(done, heldout)
-            if done % config.save_every == 0 or done == config.epochs:
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        output_dir,
-                        epoch=done,
-                        weights=policy.trainable_state_dict(),
-                        optimizer_state=optimizer.state_dict(),
-                        state={"global_step": global_step, "advantage": advantage_fn.state_dict()},
-                        keep=config.keep_checkpoints,
-                        objective_state=objective.state_dict(),
-                    )
-                accelerator.wait_for_everyone()
-        log.close()
-        evaluation_log.close()
+    all_rewards = assign_rewards(run, rollouts)
+    monitoring = time.perf_counter()
+    monitor_metrics = run.monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))  # no grad
+    monitored = time.perf_counter()
 
-        grids.append(_save_grid(policy, grid_prompts, config, output_dir, config.epochs, accelerator))
-    except NonFiniteSamplesError as error:  # finite weights that sample NaN: the training diverged
-        raise _diverged(error, config, output_dir, updates_done, accelerator) from None
+    # (a non-finite loss, gradient or weight stops the run here, before any save)
+    update_metrics, steps = update(policy, run.objective, run.optimizer, rollouts, config, generator, accelerator)
+    check_finite_weights(policy, config, epoch)
+    run.updates_done = epoch + 1
+    run.global_step += steps
+    update_metrics.update(run.objective.end_epoch(policy, run.global_step))
+    finished = time.perf_counter()
+
+    metrics = {
+        "epoch": epoch,
+        "global_step": run.global_step,
+        "reward_mean": float(all_rewards.mean()),
+        "reward_std": float(all_rewards.std(unbiased=False)),
+        **_reward_term_metrics(run.reward_fn),
+        **update_metrics,
+        **monitor_metrics,
+        "samples": len(all_rewards),
+        "time_sampling_s": sampled - started,
+        "time_monitors_s": monitored - monitoring,
+        "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
+    }
+    run.log.log(metrics)
+    end_epoch(run, epoch + 1)
+    return metrics
+
+
+def assign_rewards(run: TrainingRun, rollouts: Rollout) -> torch.Tensor:
+    """Scores the rollouts and sets their rewards and advantages, the advantages normalised
+    over every process's rollouts; returns every process's rewards (the global batch)."""
+    accelerator = run.accelerator
+    rewards = score(run.reward_fn, rollouts).to(accelerator.device)
+    all_rewards = accelerator.gather(rewards).cpu()
+    all_prompts = gather_object([_prompt_key(prompt) for prompt in rollouts.prompts])
+    all_advantages = run.advantage_fn(all_prompts, all_rewards)
+    local = slice(accelerator.process_index * len(rollouts), (accelerator.process_index + 1) * len(rollouts))
+    rollouts.rewards = rewards
+    rollouts.advantages = all_advantages[local].to(accelerator.device)
+    return all_rewards
+
+
+def end_epoch(run: TrainingRun, done: int) -> None:
+    """After ``done`` epochs: the grid, the held-out evaluation and the checkpoint when due."""
+    config, accelerator = run.config, run.accelerator
+    if config.grid.every and done % config.grid.every == 0 and done != config.epochs:
+        run.grids.append(_save_grid(run, done))
+    if done == config.epochs or (config.evaluation.every and done % config.evaluation.every == 0):
+        run.monitors.record_heldout(done, _evaluate(run, done))
+    if done % config.save_every == 0 or done == config.epochs:
+        if accelerator.is_main_process:
+            save_checkpoint(
+                run.output_dir,
+                epoch=done,
+                weights=run.policy.trainable_state_dict(),
+                optimizer_state=run.optimizer.state_dict(),
+                state={"global_step": run.global_step, "advantage": run.advantage_fn.state_dict()},
+                keep=config.keep_checkpoints,
+                objective_state=run.objective.state_dict(),
+            )
+        accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
+# finish
+
+
+def finish(run: TrainingRun) -> TrainResult:
+    """Saves the final model (atomically), the learning curve and the before / after grid."""
+    output_dir = run.output_dir
     final_model = output_dir / "final"
     curve = output_dir / "learning_curve.png"
     before_after = output_dir / "grids" / "before_after.png"
-    if accelerator.is_main_process:
-        write_folder_atomic(final_model, policy.save)
+    if run.accelerator.is_main_process:
+        write_folder_atomic(final_model, run.policy.save)
         if (output_dir / METRICS_FILE).exists():
             plot_learning_curve(output_dir / METRICS_FILE, curve, evaluation_path=output_dir / EVALUATION_FILE)
         first_grid = output_dir / "grids" / f"epoch_{0:06d}.png"
         if first_grid.is_file():
             from PIL import Image
 
-            side_by_side([Image.open(first_grid), Image.open(grids[-1])], ["before", "after"]).save(before_after)
-    accelerator.wait_for_everyone()
-    return _result(output_dir, final_model, curve, grids, before_after)
+            side_by_side([Image.open(first_grid), Image.open(run.grids[-1])], ["before", "after"]).save(before_after)
+    run.accelerator.wait_for_everyone()
+    return _result(output_dir, final_model, curve, run.grids, before_after)
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces
 
 
 def prepare_model(
@@ -245,11 +336,11 @@ def prepare_model(
     accelerate's wrapper (DDP, FSDP, DeepSpeed) around the model, ``torch.compile`` around that
     when ``model.compile`` asks (every forward of the trainer goes through it), and
     ``train.steps_per_forward`` for re-scoring (a VLM keeps None: one pass scores every token)."""
-    policy.forward_model, optimizer = accelerator.prepare(policy.model, optimizer)
+    forward_module, optimizer = accelerator.prepare(policy.model, optimizer)
     if config.model.compile:
-        policy.forward_model = torch.compile(policy.forward_model, backend=config.model.compile_backend)
-    if policy.steps_per_forward is not None:
-        policy.steps_per_forward = config.train.steps_per_forward
+        forward_module = torch.compile(forward_module, backend=config.model.compile_backend)
+    policy.use_forward_module(forward_module)
+    policy.set_steps_per_forward(config.train.steps_per_forward)
     return optimizer
 
 
@@ -310,7 +401,7 @@ def update(
     counts: dict[str, int] = defaultdict(int)
     steps = 0
     parameters = list(policy.trainable_parameters())
-    policy.model.train()
+    policy.set_training_mode(True)
     group = config.sample.samples_per_prompt
     for _ in range(train_config.inner_epochs):
         # Shuffle whole groups (the samples of one prompt draw), keeping each group's samples
@@ -338,7 +429,7 @@ def update(
                 sums["grad_norm"] += float(grad_norm)
                 counts["grad_norm"] += 1
                 steps += 1
-    policy.model.eval()
+    policy.set_training_mode(False)
     metrics = {key: sums[key] / counts[key] for key in sums}
     bad = sorted(key for key, value in metrics.items() if not math.isfinite(value))
     if bad:
@@ -415,24 +506,17 @@ def _evaluation_prompts(config: RunConfig, takes_images: bool) -> list | None:
     return select_prompts(prompts, config.evaluation.num_prompts)
 
 
-def _evaluate(
-    policy: Policy,
-    reward_fn,
-    prompts: list | None,
-    config: RunConfig,
-    epochs_done: int,
-    log: MetricsLog,
-    accelerator: Accelerator,
-) -> float | None:
+def _evaluate(run: TrainingRun, epochs_done: int) -> float | None:
     """Scores the held-out prompts (each process its share), logs the mean over all of them and
     returns it (None when the run has no evaluation)."""
+    prompts, accelerator, config = run.evaluation_prompts, run.accelerator, run.config
     if prompts is None:
         return None
     started = time.perf_counter()
     share = prompts[accelerator.process_index :: accelerator.num_processes]
     scores = score_samples(
-        policy,
-        {"reward": reward_fn},
+        run.policy,
+        {"reward": run.reward_fn},
         share,
         config.evaluation.seeds,
         config.evaluation.batch_size,
@@ -443,7 +527,7 @@ def _evaluate(
         for name, values in scores.items()
     }
     values = gathered.pop("reward")
-    log.log(
+    run.evaluation_log.log(
         {
             "epochs_done": epochs_done,
             "reward_mean": float(values.mean()),
@@ -457,11 +541,11 @@ def _evaluate(
     return float(values.mean())
 
 
-def _save_grid(policy, prompts, config: RunConfig, output_dir: Path, epoch: int, accelerator: Accelerator) -> Path:
+def _save_grid(run: TrainingRun, epoch: int) -> Path:
     """Every process samples (their forward passes may be collective); the main one saves."""
-    path = output_dir / "grids" / f"epoch_{epoch:06d}.png"
-    image = sample_grid(policy, prompts, config.grid.seeds)
-    if accelerator.is_main_process:
+    path = run.output_dir / "grids" / f"epoch_{epoch:06d}.png"
+    image = sample_grid(run.policy, run.grid_prompts, run.config.grid.seeds)
+    if run.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     return path

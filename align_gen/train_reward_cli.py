@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 
-def add_train_reward_parser(commands) -> None:
+def add_train_reward_parser(commands, **parser_options) -> None:
     """``align-gen train-reward``: the options default to None so that the handler can tell
-    which were given (world-only and file-only options are errors with the other source)."""
+    which were given (world-only and file-only options are errors with the other source); their
+    help names the default. ``parser_options`` go to ``add_parser`` (e.g. ``formatter_class``)."""
+    helptext = "train a Bradley-Terry preference head on CLIP features (the 'preference' reward)"
     command = commands.add_parser(
-        "train-reward", help="train a Bradley-Terry preference head on CLIP features (the 'preference' reward)"
+        "train-reward",
+        help=helptext,
+        description=textwrap.fill(
+            "Train a Bradley-Terry preference head on CLIP features (the 'preference' reward), from the tiny "
+            "world's synthetic pairs (--world) or a pairs file (--pairs, e.g. what align-gen make-pairs writes).",
+            88,
+        ),
+        **parser_options,
     )
     source = command.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", action="store_true", help="the tiny world's synthetic pairs (larger, more centred shapes)")
@@ -24,16 +34,16 @@ def add_train_reward_parser(commands) -> None:
         "--clip", help="transformers CLIP folder or hub id (default: the world's, align_gen/world/weights/clip)"
     )
     command.add_argument("--out", default="outputs/preference", help="output folder: the head and metrics.json")
-    command.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
-    command.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    command.add_argument("--batch-size", type=int, help="pairs per step (default 256)")
-    command.add_argument("--seed", type=int, help="seeds the pairs (world) or the split (--pairs), and the head (default 0)")
-    command.add_argument("--features", choices=["image", "image+text"], help="what the head reads (default image+text)")
-    command.add_argument("--hidden-size", type=int, help="MLP hidden width; 0 = linear head (default 64)")
-    command.add_argument("--train-pairs", type=int, help="--world: training pairs (default 8000)")
-    command.add_argument("--heldout-pairs", type=int, help="--world: held-out pairs from held-out captions (default 1000)")
-    command.add_argument("--margin", type=float, help="--world: least utility gap of a pair (default 0.05)")
-    command.add_argument("--heldout-fraction", type=float, help="--pairs: fraction of prompts held out (default 0.1)")
+    command.add_argument("--steps", type=int, help="optimiser steps (default: 2000)")
+    command.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-3)")
+    command.add_argument("--batch-size", type=int, help="pairs per step (default: 256)")
+    command.add_argument("--seed", type=int, help="seeds the pairs (world) or the split (--pairs), and the head (default: 0)")
+    command.add_argument("--features", choices=["image", "image+text"], help="what the head reads (default: image+text)")
+    command.add_argument("--hidden-size", type=int, help="MLP hidden width; 0 = linear head (default: 64)")
+    command.add_argument("--train-pairs", type=int, help="--world: training pairs (default: 8000)")
+    command.add_argument("--heldout-pairs", type=int, help="--world: held-out pairs from held-out captions (default: 1000)")
+    command.add_argument("--margin", type=float, help="--world: least utility gap of a pair (default: 0.05)")
+    command.add_argument("--heldout-fraction", type=float, help="--pairs: fraction of prompts held out (default: 0.1)")
     command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     command.set_defaults(handler=_train_reward)
 

@@ -87,12 +87,10 @@ class Rollout:
         texts: the generated answers (VLM) or None.
         rewards: (B,) float32, filled in by the trainer after scoring.
         advantages: (B,) float32, filled in by the trainer after normalisation.
-        preferred: a preferred sample of each prompt taken from a dataset (SePPO's winners), in
-            the representation of ``final_samples`` ((B, C, h, w) latents, or a VLM's (B, T)
-            answer tokens), or None.
-        encoded_images: (B, C, h, w) the decoded ``images`` encoded back to latents
-            (``policy.encode_samples(images)``), the path every dataset image takes; set where an
-            objective compares the samples with dataset images (SePPO), else None.
+        extras: what an objective attaches to its rollouts, keyed by name: batch-first tensors
+            carried through :meth:`select`, :meth:`concatenate` and :meth:`to` like every other
+            field. The objective that sets a key documents it (SePPO: ``preferred``,
+            ``encoded_images``); policies, the trainer and the other objectives ignore them.
     """
 
     prompts: list[str] | list[VisualPrompt]
@@ -105,8 +103,7 @@ class Rollout:
     texts: list[str] | None = None
     rewards: Tensor | None = None
     advantages: Tensor | None = None
-    preferred: Tensor | None = None
-    encoded_images: Tensor | None = None
+    extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)

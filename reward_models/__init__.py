@@ -1,7 +1,7 @@
 """Reward models: one call signature, a registry by name, and weighted sums.
 
 ``reward(images (B, 3, H, W) float in [0, 1], prompts, *, texts=None) -> (B,) float32``, where
-prompts are strings or ``VisualPrompt`` objects and ``texts`` are a vision-language policy's
+prompts are strings or image prompts (``ImagePrompt``: align-gen's ``VisualPrompt``) and ``texts`` are a vision-language policy's
 generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
 ``clip_score``, ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``, ``preference``. Text
 rewards (they need ``texts``): ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Your

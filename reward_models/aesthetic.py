@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models.clip_score import OpenClipEncoder
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
 from reward_models.hub import hub_offline
 from reward_models.registry import BatchedReward, register_reward
 
@@ -51,7 +51,7 @@ def resolve_head_file(head_path: str | None, head_repo: str, head_filename: str)
     if head_path is not None:
         path = Path(head_path).expanduser()
         if not path.is_file():
-            raise MissingWeightsError(
+            raise RewardWeightsMissingError(
                 f"aesthetic: head file {path} does not exist; set reward options "
                 "aesthetic.head_path=/path/to/sac+logos+ava1-l14-linearMSE.pth"
             )
@@ -61,7 +61,7 @@ def resolve_head_file(head_path: str | None, head_repo: str, head_filename: str)
     try:
         return Path(hf_hub_download(head_repo, head_filename, local_files_only=hub_offline()))
     except Exception as err:  # offline, not cached, no such repo/file, HTTP errors
-        raise MissingWeightsError(
+        raise RewardWeightsMissingError(
             f"aesthetic: could not get {head_filename!r} from hub repo {head_repo!r} "
             f"({type(err).__name__}); download it once with network access, or set reward "
             "options aesthetic.head_path=/path/to/sac+logos+ava1-l14-linearMSE.pth"
@@ -118,7 +118,7 @@ class AestheticScore(BatchedReward):
                 dtype=dtype,
                 option="reward options aesthetic.clip_pretrained",
             )
-        except (ConfigError, MissingWeightsError, RewardError) as err:
+        except (RewardConfigError, RewardWeightsMissingError, RewardError) as err:
             raise type(err)(f"{self.name}: {err}") from err
         head_dim, clip_dim = head.layers[0].in_features, self.encoder.embed_dim
         if head_dim != clip_dim:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
+from reward_models.hub import resolve_device, resolve_dtype
 from reward_models.registry import BatchedReward, register_reward
 
 if TYPE_CHECKING:
@@ -32,35 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_NAME = "ViT-L-14"
 DEFAULT_PRETRAINED = "openai"
 RESIZE_MODES = ("shortest", "longest")  # open_clip's names; see clip_preprocess
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A floating torch dtype from a dtype or its name ("float32", "bfloat16", "float16")."""
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ConfigError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
-    return resolved
-
-
-def resolve_placement(
-    device: str | torch.device | None, dtype: str | torch.dtype | None, reward: str
-) -> tuple[torch.device, torch.dtype]:
-    """A reward model's (device, dtype): CUDA when available; float16 on CUDA, float32 on CPU
-    unless ``dtype`` says otherwise. A bad dtype is a ConfigError naming ``reward``."""
-    resolved_device = resolve_device(device)
-    if dtype is None:
-        dtype = torch.float16 if resolved_device.type == "cuda" else torch.float32
-    try:
-        return resolved_device, resolve_dtype(dtype)
-    except ConfigError as err:
-        raise ConfigError(f"{reward}: {err}") from err
 
 
 def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Module:
@@ -72,13 +44,13 @@ def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Mo
 
     if model_name not in open_clip.list_models():
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
-        raise ConfigError(f"unknown open_clip model {model_name!r}; close matches: {close}")
+        raise RewardConfigError(f"unknown open_clip model {model_name!r}; close matches: {close}")
     if not pretrained:
-        raise ConfigError(f"{option} is required: an open_clip tag such as 'openai' or a file")
+        raise RewardConfigError(f"{option} is required: an open_clip tag such as 'openai' or a file")
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg and not Path(pretrained).expanduser().is_file():
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise MissingWeightsError(
+        raise RewardWeightsMissingError(
             f"open_clip checkpoint {pretrained} does not exist (and is not a pretrained tag of "
             f"{model_name!r}: {tags}); set {option}=/path/to/checkpoint.pt"
         )
@@ -92,7 +64,7 @@ def load_open_clip(model_name: str, pretrained: str, option: str) -> torch.nn.Mo
     except (RuntimeError, OSError, AssertionError) as err:  # asserts: some shape mismatches
         # A tag's weights not cached offline: RuntimeError (open_clip 3), FileNotFoundError (2.x).
         if tag_cfg and isinstance(err, RuntimeError | OSError):
-            raise MissingWeightsError(
+            raise RewardWeightsMissingError(
                 f"could not load open_clip weights {model_name!r}/{pretrained!r} offline; "
                 f"download them once with network access, or set {option}=/path/to/checkpoint.pt"
             ) from err
@@ -118,7 +90,7 @@ def clip_preprocess(
     centred (HPS v2's ``ResizeMaxSize``). ``mean`` / ``std``: (1, 3, 1, 1) on the images' device.
     """
     if resize_mode not in RESIZE_MODES:
-        raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        raise RewardConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
     (height, width), (out_h, out_w) = images.shape[-2:], size
     if (height, width) != (out_h, out_w):
         if resize_mode == "shortest":
@@ -161,7 +133,7 @@ class OpenClipEncoder:
         resize_mode: str = "shortest",
     ) -> None:
         if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+            raise RewardConfigError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.resize_mode = resize_mode
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -245,12 +217,12 @@ class ClipScore(BatchedReward):
             )
             return
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise ConfigError(
+            raise RewardConfigError(
                 f"{self.name}: model must be a transformers CLIP folder or hub id (or a built "
                 f"open_clip module), got {type(model).__name__} {model!r}"
             )
         if processor is not None:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"{self.name}: processor is an option of a transformers CLIP model; give "
                 "model=<folder or hub id> with it, or leave it out for open_clip"
             )
@@ -264,7 +236,7 @@ class ClipScore(BatchedReward):
                 model=model,
                 tokenizer=tokenizer,
             )
-        except (ConfigError, MissingWeightsError, RewardError) as err:
+        except (RewardConfigError, RewardWeightsMissingError, RewardError) as err:
             raise type(err)(f"{self.name}: {err}") from err
 
     def _transformers_encoder(
@@ -283,7 +255,7 @@ class ClipScore(BatchedReward):
         given = {"model_name": model_name, "pretrained": pretrained, "tokenizer": tokenizer}
         clashing = [name for name, value in given.items() if value is not None]
         if clashing:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"{self.name}: model={model!r} (a transformers CLIP) and {' / '.join(clashing)} "
                 "(open_clip) were both given; give either model, or model_name + pretrained"
             )

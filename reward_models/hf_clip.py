@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models import hub
-from reward_models.clip_score import resolve_placement
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
+from reward_models.hub import resolve_placement
 
 MAX_TOKENS = 77  # CLIP's text context length; a smaller tokenizer limit wins
 # A processor folder has one of these (transformers 5 writes the second, 4 the first).
@@ -41,22 +41,18 @@ class ClipProcessing(NamedTuple):
 
 
 def resolve_source(value: str, reward: str, option: str, example: str) -> tuple[str, bool]:
-    """(a local folder or hub id, whether it is local) for ``reward``'s ``option`` ``value``
-    (``align-gen:world-clip`` and the world's other shipped models resolve to their folders).
+    """(a local folder or hub id, whether it is local) for ``reward``'s ``option`` ``value``.
 
-    Raises ``MissingWeightsError`` for a path that is neither an existing folder nor a hub id.
+    Raises ``RewardWeightsMissingError`` for a path that is neither an existing folder nor a hub id.
     """
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{reward}: {option} must be a hub id or a local folder, got {value!r}")
-    from align_gen.world import resolve_shipped  # align-gen:world-clip and the other shipped models
-
-    value = resolve_shipped(value)
+        raise RewardConfigError(f"{reward}: {option} must be a hub id or a local folder, got {value!r}")
     path = Path(value).expanduser()
     if path.is_dir():
         return str(path), True
     if path.exists() or not HUB_ID.match(value):
         what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise MissingWeightsError(
+        raise RewardWeightsMissingError(
             f"{reward}: {option} folder {path} {what}; set "
             f"reward.options.{reward}.{option}=/path/to/{example} (a save_pretrained folder)"
         )

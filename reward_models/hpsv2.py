@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
-from reward_models.clip_score import OpenClipEncoder, resolve_placement
-from reward_models.hub import resolve_file
+from reward_models.clip_score import OpenClipEncoder
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
+from reward_models.hub import resolve_file, resolve_placement
 from reward_models.registry import BatchedReward, register_reward
 
 DEFAULT_MODEL = "hub:xswu/HPSv2/HPS_v2.1_compressed.pt"
@@ -70,7 +70,7 @@ class HPSv2(BatchedReward):
                 option=option,
                 resize_mode="longest",
             )
-        except (ConfigError, MissingWeightsError, RewardError) as err:
+        except (RewardConfigError, RewardWeightsMissingError, RewardError) as err:
             raise type(err)(f"{self.name}: {err}") from err
         self.model = self.encoder.model
 

@@ -40,10 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from align_gen.errors import ConfigError, RewardError
 from reward_models import hub
-from reward_models.clip_score import clip_preprocess, resolve_placement
+from reward_models.clip_score import clip_preprocess
+from reward_models.errors import RewardConfigError, RewardError
 from reward_models.hf_clip import resolve_source
+from reward_models.hub import resolve_placement
 from reward_models.registry import BatchedReward, register_reward
 
 DEFAULT_MODEL = "hub:THUDM/ImageReward/ImageReward.pt"
@@ -64,7 +65,7 @@ VISION = "blip.visual_encoder."
 def import_image_reward() -> dict[str, Any]:
     """The package's building blocks: {"VisionTransformer", "BertConfig", "BertModel", "MLP"}.
 
-    Raises ``ConfigError`` naming the extra when the package is absent or does not import.
+    Raises ``RewardConfigError`` naming the extra when the package is absent or does not import.
     """
     try:
         from ImageReward.ImageReward import MLP
@@ -72,10 +73,10 @@ def import_image_reward() -> dict[str, Any]:
         from ImageReward.models.BLIP.vit import VisionTransformer
     except ImportError as err:
         if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "ImageReward":
-            raise ConfigError(
+            raise RewardConfigError(
                 f"imagereward needs the image-reward package (module ImageReward): {INSTALL}"
             ) from None
-        raise ConfigError(
+        raise RewardConfigError(
             f"imagereward: the image-reward package is installed but does not import "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); image-reward 1.5 needs "
             f"transformers<4.56 and the OpenAI clip module: {INSTALL}"

@@ -15,8 +15,8 @@ import io
 import torch
 from PIL import Image
 
-from align_gen.errors import ConfigError
-from align_gen.image_datasets import to_uint8_pixels
+from reward_models.errors import RewardConfigError
+from reward_models.images import to_uint8_pixels
 from reward_models.registry import BatchedReward, register_reward
 
 
@@ -36,7 +36,7 @@ class _JpegSize(BatchedReward):
     def __init__(self, quality: int = 95, batch_size: int = 32) -> None:
         super().__init__(batch_size=batch_size)
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ConfigError(f"{self.name}: quality must be an int in [1, 100], got {quality!r}")
+            raise RewardConfigError(f"{self.name}: quality must be an int in [1, 100], got {quality!r}")
         self.quality = quality
 
     def score_chunk(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
-from reward_models.clip_score import resolve_placement
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
+from reward_models.hub import resolve_placement
 from reward_models.registry import BatchedReward, register_reward
 
 if TYPE_CHECKING:
@@ -141,9 +141,7 @@ def load_preference_head(
     """(head in float32 on the CPU, its config with ``clip`` resolved) from a head folder."""
     from safetensors.torch import load_file
 
-    from align_gen.world import resolve_shipped  # align-gen:world-preference
-
-    folder = Path(resolve_shipped(str(folder))).expanduser()
+    folder = Path(folder).expanduser()
     fix = f"set reward.options.{reward}.model to a folder written by 'align-gen train-reward --out'"
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
@@ -152,7 +150,7 @@ def load_preference_head(
                 if not folder.is_dir()
                 else "the folder is incomplete"
             )
-            raise MissingWeightsError(
+            raise RewardWeightsMissingError(
                 f"{reward}: head file {folder / name} does not exist ({why}); {fix}"
             )
     try:
@@ -207,7 +205,7 @@ class PreferenceReward(BatchedReward):
     ) -> None:
         super().__init__(batch_size=batch_size)
         if not isinstance(model, str | Path) or not str(model):
-            raise ConfigError(
+            raise RewardConfigError(
                 f"{self.name}: model is required: a head folder written by 'align-gen train-reward', "
                 "e.g. reward.options.preference.model=align_gen/world/weights/preference"
             )

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from align_gen.errors import ConfigError, MissingWeightsError
-from align_gen.image_datasets import image_to_tensor
+from reward_models.errors import RewardConfigError, RewardWeightsMissingError
 from reward_models.hf_clip import TransformersClipEncoder
 from reward_models.hub import hub_offline
+from reward_models.images import image_to_tensor
 from reward_models.preference import (
     FEATURES,
     PreferenceHead,
@@ -53,16 +53,16 @@ class HeadTrainConfig:
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"features must be one of {', '.join(FEATURES)}, got {self.features!r}"
             )
         if self.hidden_size < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"need hidden_size >= 0, steps >= 1 and batch_size >= 1; got {self.hidden_size}, "
                 f"{self.steps}, {self.batch_size}"
             )
         if not self.learning_rate > 0 or self.weight_decay < 0:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}"
             )
 
@@ -117,7 +117,7 @@ def load_pair_file(path: Path) -> PreferencePairs:
     """Pairs from a JSONL file of ``{"prompt", "chosen", "rejected"}`` lines; image paths are
     relative to the file (or absolute). Errors name the line."""
     if not path.is_file():
-        raise ConfigError(
+        raise RewardConfigError(
             f"pair file {path} does not exist; give a .jsonl file of "
             '{"prompt": ..., "chosen": "image path", "rejected": "image path"} lines'
         )
@@ -129,18 +129,18 @@ def load_pair_file(path: Path) -> PreferencePairs:
             row = json.loads(line)
             prompt, images = str(row["prompt"]), [Path(row[key]) for key in ("chosen", "rejected")]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError(
+            raise RewardConfigError(
                 f'{path}:{number}: expected a JSON object with "prompt", "chosen" and "rejected" fields'
             ) from None
         images = [image if image.is_absolute() else path.parent / image for image in images]
         for image in images:
             if not image.is_file():
-                raise ConfigError(f"{path}:{number}: image file not found: {image}")
+                raise RewardConfigError(f"{path}:{number}: image file not found: {image}")
         prompts.append(prompt)
         chosen.append(images[0])
         rejected.append(images[1])
     if not prompts:
-        raise ConfigError(f"pair file {path} holds no pairs")
+        raise RewardConfigError(f"pair file {path} holds no pairs")
     return PreferencePairs(prompts, chosen, rejected)
 
 
@@ -150,12 +150,12 @@ def split_by_prompt(
     """(train, held-out): a seeded ``heldout_fraction`` of the distinct prompts, with all their
     pairs, is held out (at least one prompt when the fraction is above 0)."""
     if not 0 <= heldout_fraction < 1:
-        raise ConfigError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
+        raise RewardConfigError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     distinct = sorted(set(pairs.prompts))
     order = np.random.default_rng(seed).permutation(len(distinct))
     count = max(1, round(heldout_fraction * len(distinct))) if heldout_fraction > 0 else 0
     if count >= len(distinct):
-        raise ConfigError(
+        raise RewardConfigError(
             f"only {len(distinct)} distinct prompt(s): holding out {count} leaves none to train on; "
             "add pairs with other prompts or lower --heldout-fraction"
         )
@@ -269,15 +269,15 @@ def train_preference_reward(
     """Encode the pairs with ``clip`` (a transformers CLIP folder or hub id), train a head, write
     it to ``out`` with ``out/metrics.json``, and return the metrics (``extra`` is added to them)."""
     if len(train) == 0:
-        raise ConfigError("no training pairs")
+        raise RewardConfigError("no training pairs")
     started = time.perf_counter()
     try:
         encoder = TransformersClipEncoder(
             clip, device=device, reward="train-reward", model_example="clip"
         )
-    except MissingWeightsError as err:
+    except RewardWeightsMissingError as err:
         offline = " offline (HF_HUB_OFFLINE=1)" if hub_offline() else ""
-        raise MissingWeightsError(
+        raise RewardWeightsMissingError(
             f"cannot load the CLIP {clip!r}: it is neither a transformers CLIP folder here nor a hub id "
             f"available{offline}; give --clip a CLIP folder (the world's: align_gen/world/weights/clip) or hub id"
         ) from err

@@ -4,7 +4,7 @@ Every reward is a callable object with a ``name`` and one signature::
 
     reward(
         images: Tensor (B, 3, H, W) float in [0, 1],
-        prompts: list[str] | list[VisualPrompt],
+        prompts: list[str] | list[ImagePrompt],
         *,
         texts: list[str] | None = None,
     ) -> Tensor (B,) float32
@@ -34,14 +34,26 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from align_gen.errors import ConfigError, RewardError
-from align_gen.types import VisualPrompt
+from reward_models.errors import RewardConfigError, RewardError
 
 # Values this far outside [0, 1] are a caller bug (e.g. images still in [-1, 1]), not rounding.
 RANGE_TOLERANCE = 1e-3
 
+
+
+@runtime_checkable
+class ImagePrompt(Protocol):
+    """A vision-language policy's prompt: a question about an image, with the dataset's answer
+    when it has one. ``str(prompt)`` is the question. align-gen's ``VisualPrompt`` is one; any
+    object with these attributes is."""
+
+    text: str
+    image_key: str  # what identifies the image (a file path, or a dataset name and row)
+    answer: str | None
+
+
 # A diffusion policy's prompts are text; a vision-language policy's are questions about images.
-Prompt = str | VisualPrompt
+Prompt = str | ImagePrompt
 
 
 @runtime_checkable
@@ -61,7 +73,7 @@ class RewardFn(Protocol):
 
 def check_reward_inputs(images: torch.Tensor, prompts: list[Prompt], name: str) -> None:
     """Raise ``RewardError`` unless images is a finite (B, 3, H, W) float tensor in [0, 1]
-    and ``prompts`` holds B prompts, each a string or a ``VisualPrompt``."""
+    and ``prompts`` holds B prompts, each a string or an :class:`ImagePrompt`."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise RewardError(f"{name}: images must be a (B, 3, H, W) tensor, got {shape}")
@@ -71,10 +83,10 @@ def check_reward_inputs(images: torch.Tensor, prompts: list[Prompt], name: str) 
         got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
         raise RewardError(f"{name}: need one prompt per image ({images.shape[0]}), got {got}")
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, Prompt):
+        if not isinstance(prompt, (str, ImagePrompt)):
             raise RewardError(
                 f"{name}: prompts[{index}] is a {type(prompt).__name__}; prompts must be strings "
-                "or align_gen.types.VisualPrompt"
+                "or image prompts (text, image_key and answer attributes)"
             )
     if images.numel() == 0:
         return
@@ -128,7 +140,7 @@ class BatchedReward:
 
     def __init__(self, batch_size: int = 32) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
+            raise RewardConfigError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
 
     def score_chunk(
@@ -215,7 +227,7 @@ class WeightedSum:
 
     def __init__(self, rewards: dict[str, RewardFn], weights: dict[str, float]) -> None:
         if set(rewards) != set(weights):
-            raise ConfigError(f"rewards {sorted(rewards)} and weights {sorted(weights)} differ")
+            raise RewardConfigError(f"rewards {sorted(rewards)} and weights {sorted(weights)} differ")
         self.rewards = dict(rewards)
         self.weights = {key: float(w) for key, w in weights.items()}
         self.name = " + ".join(f"{w:g}*{key}" for key, w in self.weights.items())
@@ -302,13 +314,13 @@ def _is_plain_reward_function(obj: Any) -> bool:
 
 
 def _call_factory(factory: Callable[..., Any], options: dict[str, Any], label: str) -> Any:
-    """Call ``factory(**options)``, turning bad option names into a ``ConfigError``."""
+    """Call ``factory(**options)``, turning bad option names into a ``RewardConfigError``."""
     _check_options(factory, options, label)
     return factory(**options)
 
 
 def _check_options(factory: Callable[..., Any], options: dict[str, Any], label: str) -> None:
-    """Raises ``ConfigError`` unless ``factory`` accepts ``options`` (names and required ones)."""
+    """Raises ``RewardConfigError`` unless ``factory`` accepts ``options`` (names and required ones)."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -319,13 +331,13 @@ def _check_options(factory: Callable[..., Any], options: dict[str, Any], label: 
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = [key for key in options if key not in named]
         if unknown:
-            raise ConfigError(
+            raise RewardConfigError(
                 f"reward {label!r} has no option {unknown[0]!r}; valid options: {valid}"
             )
     try:
         signature.bind(**options)
     except TypeError as err:
-        raise ConfigError(f"reward {label!r}: {err}; valid options: {valid}") from err
+        raise RewardConfigError(f"reward {label!r}: {err}; valid options: {valid}") from err
 
 
 def _resolve(name: str) -> Callable[..., Any]:
@@ -353,7 +365,7 @@ def check_reward_config(weights: dict[str, float], options: dict[str, dict[str, 
     load): unknown or code-naming reward names, bad weights, option names a reward does not take.
 
     Raises:
-        RewardError, ConfigError: as :func:`build_reward` would.
+        RewardError, RewardConfigError: as :func:`build_reward` would.
     """
     options = dict(options or {})
     _check_weights_and_options(weights, options)
@@ -393,19 +405,19 @@ def build_reward(
 
 def _check_weights_and_options(weights: dict[str, float], options: dict[str, Any]) -> None:
     if not weights:
-        raise ConfigError(
+        raise RewardConfigError(
             f"reward weights are empty; give at least one, e.g. {{'aesthetic': 1.0}}; "
             f"{_registry_listing()}"
         )
     stray = sorted(set(options) - set(weights))
     if stray:
-        raise ConfigError(
+        raise RewardConfigError(
             f"reward options for {stray} but these rewards have no weight; "
             f"weighted rewards: {', '.join(weights)}"
         )
     for key, weight in weights.items():
         is_number = isinstance(weight, int | float) and not isinstance(weight, bool)
         if not is_number or not math.isfinite(weight):
-            raise ConfigError(f"reward weight for {key!r} must be a finite number, got {weight!r}")
+            raise RewardConfigError(f"reward weight for {key!r} must be a finite number, got {weight!r}")
         if not isinstance(options.get(key, {}), dict):
-            raise ConfigError(f"reward options for {key!r} must be a mapping, got {options[key]!r}")
+            raise RewardConfigError(f"reward options for {key!r} must be a mapping, got {options[key]!r}")

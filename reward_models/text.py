@@ -1,7 +1,7 @@
 """Rewards for generated texts: what a vision-language policy answered about its input image.
 
 A vision-language (VLM) rollout has input images (B, 3, H, W) in [0, 1], prompts that are
-``VisualPrompt`` objects (``str(p)`` is the question, ``p.answer`` the dataset's reference answer
+image prompts (:class:`~reward_models.registry.ImagePrompt`) (``str(p)`` is the question, ``p.answer`` the dataset's reference answer
 or None) and the generated answers ``texts``. The rewards here set ``needs_texts = True``: they
 are called as ``reward(images, prompts, texts=texts)`` and raise ``RewardError`` without texts.
 
@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
-from align_gen.types import VisualPrompt
-from reward_models.clip_score import ClipScore, resolve_placement
-from reward_models.hub import load_pretrained
+from reward_models.clip_score import ClipScore
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
+from reward_models.hub import load_pretrained, resolve_placement
 from reward_models.pickscore import HUB_ID
-from reward_models.registry import BatchedReward, Prompt, register_reward
+from reward_models.registry import BatchedReward, ImagePrompt, Prompt, register_reward
 
 ANSWER_MODES = ("exact", "contains", "regex")
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -49,7 +48,7 @@ class ClipTextImage(ClipScore):
     context (77 tokens for the OpenAI and LAION models; min(77, the tokenizer's
     ``model_max_length``) for a transformers model) are truncated, so only their beginning is
     scored. Options are those of ``clip_score``: ``model_name``, ``pretrained`` (an open_clip
-    tag or a local checkpoint file; offline and absent raises ``MissingWeightsError`` naming
+    tag or a local checkpoint file; offline and absent raises ``RewardWeightsMissingError`` naming
     ``clip_text_image.pretrained``), or instead ``model`` (a transformers ``CLIPModel`` folder
     or hub id, with ``processor``; errors name ``clip_text_image.model``), ``device``,
     ``dtype``, ``batch_size``, or an already-built open_clip ``model`` + ``tokenizer``.
@@ -76,7 +75,7 @@ def describe_prompt(prompt: Prompt) -> str:
     """A prompt for error messages: its question (cut at 80 characters) and image."""
     text = str(prompt)
     shown = repr(text if len(text) <= 80 else text[:77] + "...")
-    if isinstance(prompt, VisualPrompt):
+    if isinstance(prompt, ImagePrompt):
         return f"prompt {shown} (image {prompt.image_key!r})"
     return f"prompt {shown}"
 
@@ -105,11 +104,11 @@ class AnswerMatch(BatchedReward):
         super().__init__()
         if mode not in ANSWER_MODES:
             valid = ", ".join(repr(m) for m in ANSWER_MODES)
-            raise ConfigError(f"{self.name}: mode must be one of {valid}; got {mode!r}")
+            raise RewardConfigError(f"{self.name}: mode must be one of {valid}; got {mode!r}")
         if not isinstance(case_sensitive, bool):
-            raise ConfigError(f"{self.name}: case_sensitive must be true or false")
+            raise RewardConfigError(f"{self.name}: case_sensitive must be true or false")
         if pattern is not None and (not isinstance(pattern, str) or mode != "regex"):
-            raise ConfigError(
+            raise RewardConfigError(
                 f"{self.name}: pattern must be a regex string and needs mode 'regex'; "
                 f"got pattern={pattern!r} with mode={mode!r}"
             )
@@ -121,21 +120,21 @@ class AnswerMatch(BatchedReward):
             try:  # check it now, with an empty stand-in for {answer}
                 compiled = re.compile(pattern.replace("{answer}", ""), self.flags)
             except re.error as err:
-                raise ConfigError(
+                raise RewardConfigError(
                     f"{self.name}: pattern {pattern!r} is not a regex: {err}"
                 ) from err
             self.fixed = None if self.needs_answers else compiled
 
     def reference_answer(self, prompt: Prompt) -> str:
         """``prompt.answer``, or ``RewardError`` saying how to provide it."""
-        answer = prompt.answer if isinstance(prompt, VisualPrompt) else None
+        answer = prompt.answer if isinstance(prompt, ImagePrompt) else None
         fix = (
             "add an 'answer' field to the dataset, or give reward.options.answer_match.pattern "
             "(with mode 'regex') to match every text against one regex"
         )
         if answer is None:
             kind = "has no reference answer"
-            if not isinstance(prompt, VisualPrompt):
+            if not isinstance(prompt, ImagePrompt):
                 kind = "is a plain text prompt, which has no reference answer"
             raise RewardError(
                 f"{self.name}: {describe_prompt(prompt)} {kind}; mode {self.mode!r} compares "
@@ -245,20 +244,20 @@ class SequenceClassifier(BatchedReward):
         """(a local folder or hub id, whether it is local); fails fast on a missing folder."""
         fix = "set reward.options.sequence_classifier.model=/path/to/folder or a hub id"
         if model is None:
-            raise ConfigError(f"{self.name}: no model given; {fix}")
+            raise RewardConfigError(f"{self.name}: no model given; {fix}")
         if not isinstance(model, str) or not model:
-            raise ConfigError(f"{self.name}: model must be a hub id or a folder, got {model!r}")
+            raise RewardConfigError(f"{self.name}: model must be a hub id or a folder, got {model!r}")
         path = Path(model).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise MissingWeightsError(
+                raise RewardWeightsMissingError(
                     f"{self.name}: model folder {path} has no config.json; {fix} "
                     "(a save_pretrained folder with the model and its tokenizer)"
                 )
             return str(path), True
         if path.exists() or not HUB_ID.match(model):
             what = "is a file, not a folder" if path.exists() else "does not exist"
-            raise MissingWeightsError(f"{self.name}: model folder {path} {what}; {fix}")
+            raise RewardWeightsMissingError(f"{self.name}: model folder {path} {what}; {fix}")
         return model, False
 
     def resolve_label(self, label: int | str | None, config: Any) -> int:
@@ -271,7 +270,7 @@ class SequenceClassifier(BatchedReward):
             return names[label]
         if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < count:
             return label
-        raise ConfigError(
+        raise RewardConfigError(
             f"{self.name}: label must be an index in [0, {count}) or one of {sorted(names)}; "
             f"got {label!r}"
         )

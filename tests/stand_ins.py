@@ -65,7 +65,7 @@ def _pickscore_stand_in(folder: Path) -> Path:
     """A transformers CLIP folder with its processor, PickScore's layout at toy size."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from align_gen.policies.loading import build_clip_tokenizer
+    from align_gen.builtins.tiny_diffusion import build_clip_tokenizer
 
     text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 49406,

@@ -256,18 +256,31 @@ def test_sample_writes_a_grid(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, prompt_file: Path
 ) -> None:
     """2 prompts x 2 seeds of 64 px images (32 x 32 latents, VAE factor 2), upscaled x2 to the
-    128 px minimum cell: 2 columns = 256 px wide. Each caption, e.g. "a blue square (seed 1)"
-    (22 chars), wraps at 128 // 7 = 18 chars into 2 lines of 12 px + 6 px padding = 30 px, so a
-    row is 128 + 30 = 158 px and 2 rows are 316 px high."""
+    128 px minimum cell: 2 columns = 256 px wide. Each caption, e.g. "a blue square (seed 1)",
+    wraps to the cell's width less 6 px in the default font (one line with Pillow's FreeType
+    default font, two with its older bitmap font), lines of 12 px + 6 px padding, so a row is
+    128 px + the caption and 2 rows are twice that. Before the slow steps the command says what
+    it does."""
+    from PIL import ImageFont
+
+    from pipelines.grid import wrap_caption
+
     out_path = tmp_path / "nested" / "g.png"
     code, out, err = run(
         capsys, f"sample {MODEL} --prompts {prompt_file} --seeds 0 1 --steps 2 --out {out_path}"
     )
     assert code == 0, err
-    assert out.strip() == f"wrote {out_path} (2 prompts x 2 seeds)"
+    assert out.splitlines() == [
+        f"loading {MODEL} ...",
+        "sampling 2 prompts x 2 seeds (2 steps each) ...",
+        f"wrote {out_path} (2 prompts x 2 seeds)",
+    ]
+    font = ImageFont.load_default()
+    labels = [f"{p} (seed {s})" for p in ("a red circle", "a blue square") for s in (0, 1)]
+    caption_h = 12 * max(len(wrap_caption(label, 128 - 6, font)) for label in labels) + 6
     with Image.open(out_path) as image:
         assert image.format == "PNG"
-        assert image.size == (256, 316)
+        assert image.size == (256, 2 * (128 + caption_h))
         white = (255, 255, 255)
         assert image.getpixel((64, 64)) != white or image.getpixel((192, 64)) != white
 
@@ -297,6 +310,10 @@ def test_evaluate_writes_json_and_prints_a_table(
         -rows["jpeg_compressibility"]["mean"]
     )
     lines = out.splitlines()
+    start = lines.index(f"A = {MODEL}")  # after what it loaded and sampled
+    assert lines[:start] == ["loading rewards: jpeg_compressibility, jpeg_incompressibility ...", f"loading A: {MODEL} ...",
+                             "sampling A: 2 prompts x 1 seeds (2 steps each) ..."]
+    lines = lines[start + 1 :]
     assert lines[0].split() == ["reward", "model", "mean", "std", "95%", "CI", "n"]
     for line, (name, row) in zip(lines[1:3], rows.items(), strict=True):
         interval = [f"[{row['ci_low']:.4f},", f"{row['ci_high']:.4f}]"]

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from align_gen.builtins import PREFIX as BUILTIN_PREFIX
+from align_gen.builtins import builtins
 from align_gen.config import RunConfig, load_config
 from align_gen.objectives import available_objectives, build_objective
-from align_gen.policies.loading import BUILTIN_MODELS, BUILTIN_PREFIX
-from align_gen.policies.tiny_vlms import TINY_VLMS
 from align_gen.prompts import load_prompts
-from align_gen.world import SHIPPED_MODELS
 from reward_models import available_rewards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def test_config_loads_and_is_consistent(path: Path) -> None:
     if config.prompts.source.startswith("builtin:"):
         assert load_prompts(config.prompts.source)
     if is_offline(config):
-        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in {*BUILTIN_MODELS, *TINY_VLMS, *SHIPPED_MODELS}
+        assert config.model.pretrained[len(BUILTIN_PREFIX) :] in builtins()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=config_id)
@@ -94,7 +93,7 @@ DEAD_HUB_IDS = {
 
 
 def test_no_shipped_file_names_a_deleted_hub_model() -> None:
-    shipped = [REPO_ROOT / "README.md", *CONFIGS, *REPO_ROOT.glob("benchmarks/*.*"), *REPO_ROOT.glob("align_gen/**/*.py")]
+    shipped = [REPO_ROOT / "README.md", *REPO_ROOT.glob("docs/**/*.md"), *CONFIGS, *REPO_ROOT.glob("benchmarks/*.*"), *REPO_ROOT.glob("align_gen/**/*.py")]
     for path in shipped:
         text = path.read_text()
         for dead, alive in DEAD_HUB_IDS.items():

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_sd
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig
 from align_gen.objectives import build_objective
 from align_gen.objectives.ddpo import DDPOConfig, ddpo_loss
 from align_gen.policies.diffusion import DiffusionPolicy
-from align_gen.policies.loading import build_tiny_random_sd
+from align_gen.policy import split_steps
 
 
 def test_ddpo_loss_matches_hand_derivation() -> None:
@@ -69,10 +70,11 @@ def test_one_update_moves_the_trajectory_log_prob_with_the_advantage(sign: float
 
 def test_timestep_fraction_limits_the_steps_trained() -> None:
     class CountingPolicy:
-        steps_per_forward = 1  # a diffusion policy: one pass per step
-
         def __init__(self) -> None:
             self.calls = 0
+
+        def step_pieces(self, steps):
+            return split_steps(steps, 1)  # a diffusion policy: one pass per step
 
         def step_log_prob(self, rollout, steps):
             self.calls += 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_sd
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig
 from align_gen.policies.diffusion import DiffusionPolicy
-from align_gen.policies.loading import build_tiny_random_sd
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle"]
 

@@ -33,7 +33,7 @@ def random_inputs(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> tuple[torch.
 def reference_mean_std(
     v: torch.Tensor, sigma: float, sigma_next: float, x: torch.Tensor, a: float
 ) -> tuple[torch.Tensor, float]:
-    """DESIGN.md's flow SDE step, written out independently in float64.
+    """Flow-GRPO's flow SDE step, written out independently in float64.
 
     std_t = a sqrt(sigma / (1 - sigma)), with 1 - sigma -> 1 - sigma_next at sigma = 1 (the
     documented guard); mean = x + [v + std_t^2/(2 sigma) (x + (1 - sigma) v)] dt; the step's std

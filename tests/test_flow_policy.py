@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_sd3
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig
 from align_gen.objectives import build_objective
 from align_gen.objectives.ddpo import DDPOConfig
 from align_gen.policies import build_policy
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.policies.flow import FlowPolicy
-from align_gen.policies.loading import build_tiny_random_sd3
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle"]
 pytestmark = pytest.mark.usefixtures("single_thread")

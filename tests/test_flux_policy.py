@@ -8,12 +8,12 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_flux, build_tiny_random_sd3
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.policies import build_policy
 from align_gen.policies.flow import FlowPolicy
 from align_gen.policies.flux import FluxPolicy
-from align_gen.policies.loading import build_tiny_random_flux, build_tiny_random_sd3
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle"]
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import transformers
 from transformers import CLIPModel
 
-from align_gen.errors import ConfigError, MissingWeightsError
 from align_gen.world.clip import ClipTrainConfig, build_clip, build_tokenizer, embed, save_clip
 from align_gen.world.shapes import ShapesWorld
 from reward_models import ClipScore, TransformersClipEncoder, get_reward
+from reward_models.errors import RewardConfigError, RewardWeightsMissingError
 
 LONG_TEXT = " ".join(["a red circle left of a blue square"] * 4)  # 32 words: past 16 tokens
 
@@ -82,18 +82,18 @@ def test_clip_text_image_scores_texts_truncated_to_16_tokens(
 
 
 def test_model_with_open_clip_options_is_a_config_error(folder: Path) -> None:
-    with pytest.raises(ConfigError, match=r"clip_score: model=.* and model_name \(open_clip\)"):
+    with pytest.raises(RewardConfigError, match=r"clip_score: model=.* and model_name \(open_clip\)"):
         get_reward("clip_score", model=str(folder), model_name="ViT-B-32")
-    with pytest.raises(ConfigError, match="model_name / pretrained"):
+    with pytest.raises(RewardConfigError, match="model_name / pretrained"):
         get_reward("clip_text_image", model=str(folder), model_name="ViT-B-32", pretrained="openai")
-    with pytest.raises(ConfigError, match="processor is an option of a transformers CLIP"):
+    with pytest.raises(RewardConfigError, match="processor is an option of a transformers CLIP"):
         get_reward("clip_score", processor=str(folder))
 
 
 def test_missing_folder_is_a_one_line_error_naming_the_option(tmp_path: Path) -> None:
     missing = tmp_path / "world_clip"
     for name in ("clip_score", "clip_text_image"):
-        with pytest.raises(MissingWeightsError) as info:
+        with pytest.raises(RewardWeightsMissingError) as info:
             get_reward(name, model=str(missing))
         message = str(info.value)
         assert "\n" not in message

@@ -19,8 +19,8 @@ from huggingface_hub import constants as hub_constants
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models import available_rewards, get_reward
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
 from reward_models.hpsv2 import HPSv2
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle on a white table"]
@@ -141,7 +141,7 @@ def test_missing_weights_give_one_line_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "HPS_v2.1_compressed.pt"
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(RewardWeightsMissingError) as info:
         get_reward("hpsv2", model=str(missing), architecture=ARCHITECTURE)
     message = str(info.value)
     assert "\n" not in message
@@ -150,16 +150,16 @@ def test_missing_weights_give_one_line_naming_the_file(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(RewardWeightsMissingError) as info:
         get_reward("hpsv2")  # the default: v2.1 from the hub, not cached here
     message = str(info.value)
     assert "\n" not in message
     assert "'HPS_v2.1_compressed.pt' from hub repo 'xswu/HPSv2' offline" in message
     assert "hf download xswu/HPSv2 HPS_v2.1_compressed.pt" in message
     assert time.monotonic() - start < 5
-    with pytest.raises(MissingWeightsError, match="'HPS_v2_compressed.pt' from hub repo"):
+    with pytest.raises(RewardWeightsMissingError, match="'HPS_v2_compressed.pt' from hub repo"):
         get_reward("hpsv2", model="hub:xswu/HPSv2/HPS_v2_compressed.pt")
-    with pytest.raises(ConfigError, match="hub:<owner>/<repo>/<file>"):
+    with pytest.raises(RewardConfigError, match="hub:<owner>/<repo>/<file>"):
         get_reward("hpsv2", model="hub:xswu/HPS_v2.1_compressed.pt")
 
 
@@ -169,5 +169,5 @@ def test_checkpoint_of_another_architecture_is_a_reward_error(checkpoint: Path) 
         match=f"hpsv2: checkpoint .* does not fit open_clip model '{OTHER_ARCHITECTURE}'",
     ):
         get_reward("hpsv2", model=str(checkpoint), architecture=OTHER_ARCHITECTURE, device="cpu")
-    with pytest.raises(ConfigError, match="hpsv2: unknown open_clip model 'ViT-H-15'"):
+    with pytest.raises(RewardConfigError, match="hpsv2: unknown open_clip model 'ViT-H-15'"):
         get_reward("hpsv2", model=str(checkpoint), architecture="ViT-H-15", device="cpu")

@@ -30,8 +30,8 @@ from huggingface_hub import constants as hub_constants
 from PIL import Image
 from torch import nn
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models import available_rewards, get_reward
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
 from reward_models.imagereward import REWARD_MEAN, REWARD_STD, ImageRewardScore
 
 PROMPTS = ["a red circle", "a blue square on a table", "a green triangle"]
@@ -224,7 +224,7 @@ def test_missing_weights_give_one_line_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "ImageReward.pt"
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(RewardWeightsMissingError) as info:
         get_reward("imagereward", model=str(missing))
     message = str(info.value)
     assert "\n" not in message
@@ -233,14 +233,14 @@ def test_missing_weights_give_one_line_naming_the_file(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(RewardWeightsMissingError) as info:
         get_reward("imagereward")  # the default hub file, not cached here
     message = str(info.value)
     assert "\n" not in message
     assert "'ImageReward.pt' from hub repo 'THUDM/ImageReward' offline" in message
     assert "hf download THUDM/ImageReward ImageReward.pt" in message
     missing.write_bytes(b"")  # the model file exists; its med_config is the next one needed
-    with pytest.raises(MissingWeightsError, match="'med_config.json' from hub repo 'THUDM/Imag"):
+    with pytest.raises(RewardWeightsMissingError, match="'med_config.json' from hub repo 'THUDM/Imag"):
         get_reward("imagereward", model=str(missing))
     assert time.monotonic() - start < 5
 
@@ -250,7 +250,7 @@ def test_without_a_working_package_the_error_names_the_extra(tmp_path: Path) -> 
         pytest.skip("the image-reward package imports here")
     (tmp_path / "ImageReward.pt").write_bytes(b"")
     (tmp_path / "med_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"pip install 'align-gen\[imagereward\]'") as info:
+    with pytest.raises(RewardConfigError, match=r"pip install 'align-gen\[imagereward\]'") as info:
         get_reward(
             "imagereward",
             model=str(tmp_path / "ImageReward.pt"),

@@ -36,7 +36,7 @@ def make_scheduler(
 def reference_mean_std(
     scheduler: DDIMScheduler, model_output: torch.Tensor, t: int, sample: torch.Tensor, eta: float
 ) -> tuple[torch.Tensor, float]:
-    """The DDIM mean and sigma_t, written out independently from DESIGN.md's formulas, in float64."""
+    """The DDIM mean and sigma_t, written out independently from the DDIM paper's formulas, in float64."""
     abar = scheduler.alphas_cumprod.double()
     prev = t - 1000 // NUM_STEPS
     a_t = abar[t].item()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from align_gen.builtins import builtins
 from align_gen.config import load_config
-from align_gen.policies.loading import BUILTIN_MODELS
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 
@@ -59,7 +59,7 @@ def test_objective_trains_resumes_and_saves_on_policy(objective: str, model: str
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
     assert rows[-1]["global_step"] == 2  # one optimizer step per epoch, none repeated on resume
 
-    pipeline = BUILTIN_MODELS[model]()
+    pipeline = builtins()[model].load()
     pipeline.load_lora_weights(str(result.final_model))
     denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
     assert any("lora" in name for name, _ in denoiser.named_parameters())

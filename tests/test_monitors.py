@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_sd
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig, load_config
 from align_gen.errors import ConfigError
 from align_gen.monitors import WORLD_CLIP, chain_kl_estimate, kl_to_base, pairwise_cosine_diversity
 from align_gen.policies.diffusion import DiffusionPolicy
-from align_gen.policies.loading import build_tiny_random_sd
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 
@@ -71,10 +71,11 @@ def test_kl_is_zero_before_any_update_and_positive_after(lora: bool) -> None:
 def test_diversity_is_zero_for_identical_images_and_larger_for_different_ones() -> None:
     import numpy as np
 
+    from align_gen.builtins import resolve_folder
     from align_gen.world.shapes import all_captions, render, scene_for_caption, to_tensor
     from reward_models.hf_clip import TransformersClipEncoder
 
-    encoder = TransformersClipEncoder(WORLD_CLIP, device="cpu", reward="monitors")
+    encoder = TransformersClipEncoder(resolve_folder(WORLD_CLIP), device="cpu", reward="monitors")
     rng = np.random.default_rng(0)
     captions = all_captions("train")[::300][:4]  # four different compositions
     different = torch.stack([to_tensor(render(scene_for_caption(rng, caption))) for caption in captions])

@@ -13,10 +13,11 @@ import torch
 from align_gen.cli import main
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
-from align_gen.image_datasets import image_to_tensor, load_image_dataset
+from align_gen.image_datasets import load_image_dataset
 from align_gen.pairs import make_pairs, summarise_pairs
 from align_gen.policies import build_policy
 from reward_models import get_reward
+from reward_models.images import image_to_tensor
 from reward_models.preference_training import load_pair_file
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

@@ -25,9 +25,9 @@ from transformers import (
     CLIPVisionConfig,
 )
 
-from align_gen.errors import MissingWeightsError
-from align_gen.policies.loading import build_clip_tokenizer
+from align_gen.builtins.tiny_diffusion import build_clip_tokenizer
 from reward_models import available_rewards, build_reward, get_reward
+from reward_models.errors import RewardWeightsMissingError
 from reward_models.pickscore import PickScore
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star on a black sky"]
@@ -181,20 +181,20 @@ def test_missing_weights_errors(
     folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "PickScore_v1"
-    with pytest.raises(MissingWeightsError, match=f"{missing} does not exist.*pickscore.model="):
+    with pytest.raises(RewardWeightsMissingError, match=f"{missing} does not exist.*pickscore.model="):
         get_reward("pickscore", model=str(missing))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
     # The bare model folder has no processor config, so the default LAION processor is needed.
-    with pytest.raises(MissingWeightsError) as info:
+    with pytest.raises(RewardWeightsMissingError) as info:
         get_reward("pickscore", model=str(folders["bare"]), device="cpu")
     message = str(info.value)
     assert "\n" not in message
     assert "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' from the hub offline" in message
     assert "reward.options.pickscore.processor=/path/to/" in message
     with pytest.raises(
-        MissingWeightsError,
+        RewardWeightsMissingError,
         match=r"'yuvalkirstain/PickScore_v1' from the hub offline.*pickscore\.model=/path/to/Pick",
     ):
         get_reward("pickscore", processor=str(folders["processor"]), device="cpu")
@@ -202,7 +202,7 @@ def test_missing_weights_errors(
     # A folder without weights names the folder.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "processor_config.json").write_text(json.dumps({}))
-    with pytest.raises(MissingWeightsError, match="load folder .*empty"):
+    with pytest.raises(RewardWeightsMissingError, match="load folder .*empty"):
         get_reward("pickscore", model=str(tmp_path / "empty"), processor=str(folders["processor"]))
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from align_gen.cli import main
-from align_gen.errors import ConfigError, MissingWeightsError
 from align_gen.world import shapes
 from align_gen.world.preference import (
     WORLD_CLIP,
@@ -24,6 +23,7 @@ from align_gen.world.preference import (
     utility,
 )
 from reward_models import get_reward
+from reward_models.errors import RewardConfigError, RewardWeightsMissingError
 from reward_models.hf_clip import TransformersClipEncoder
 from reward_models.preference import PreferenceHead, bradley_terry_loss, load_preference_head
 from reward_models.preference_training import (
@@ -179,17 +179,17 @@ def test_reward_returns_float32_scores_that_differ_across_images():
 
 def test_missing_or_absent_head_folders_are_clear_errors(tmp_path):
     with pytest.raises(
-        MissingWeightsError, match=r"nowhere/config.json does not exist \(there is no folder "
+        RewardWeightsMissingError, match=r"nowhere/config.json does not exist \(there is no folder "
     ):
         get_reward("preference", model=str(tmp_path / "nowhere"))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(
-        MissingWeightsError,
+        RewardWeightsMissingError,
         match=r"half/model.safetensors does not exist \(the folder is incomplete\)",
     ):
         get_reward("preference", model=str(tmp_path / "half"))
-    with pytest.raises(ConfigError, match="model is required"):
+    with pytest.raises(RewardConfigError, match="model is required"):
         get_reward("preference")
 
 

@@ -20,7 +20,6 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import save_file
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from reward_models import (
     AestheticHead,
     AestheticScore,
@@ -30,6 +29,7 @@ from reward_models import (
     build_reward,
     get_reward,
 )
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
 
 FIXTURE_HEAD = (
     Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sac+logos+ava1-l14-linearMSE.pth"
@@ -107,7 +107,7 @@ def test_unknown_name_lists_valid_names_and_suggests() -> None:
 
 
 def test_unknown_option_is_config_error_naming_it() -> None:
-    with pytest.raises(ConfigError, match="'qualty'.*valid options: quality, batch_size"):
+    with pytest.raises(RewardConfigError, match="'qualty'.*valid options: quality, batch_size"):
         get_reward("jpeg_compressibility", qualty=50)
 
 
@@ -196,11 +196,11 @@ def test_build_reward_single_term_and_errors(images: torch.Tensor) -> None:
     assert single.name == "jpeg_incompressibility" and not isinstance(single, WeightedSum)
     doubled = build_reward({"jpeg_incompressibility": 2.0})
     torch.testing.assert_close(doubled(images, PROMPTS), 2 * single(images, PROMPTS))
-    with pytest.raises(ConfigError, match="empty"):
+    with pytest.raises(RewardConfigError, match="empty"):
         build_reward({})
-    with pytest.raises(ConfigError, match="clip_score"):
+    with pytest.raises(RewardConfigError, match="clip_score"):
         build_reward({"jpeg_compressibility": 1.0}, {"clip_score": {"batch_size": 4}})
-    with pytest.raises(ConfigError, match="finite number"):
+    with pytest.raises(RewardConfigError, match="finite number"):
         build_reward({"jpeg_compressibility": float("nan")})
 
 
@@ -284,13 +284,13 @@ def test_clip_score_bfloat16_close_to_float32(tiny_clips: dict, images: torch.Te
 
 def test_clip_score_missing_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no_such_clip.pt"
-    with pytest.raises(MissingWeightsError, match=str(missing)):
+    with pytest.raises(RewardWeightsMissingError, match=str(missing)):
         get_reward("clip_score", pretrained=str(missing))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # hub reads the env at import
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
     with pytest.raises(
-        MissingWeightsError, match=r"'ViT-L-14'/'openai' offline.*clip_score\.pretrained="
+        RewardWeightsMissingError, match=r"'ViT-L-14'/'openai' offline.*clip_score\.pretrained="
     ):
         get_reward("clip_score")
     assert time.monotonic() - start < 5
@@ -351,12 +351,12 @@ def test_aesthetic_head_with_wrong_keys(tmp_path: Path) -> None:
 
 def test_aesthetic_missing_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no_such_head.pth"
-    with pytest.raises(MissingWeightsError, match=str(missing)):
+    with pytest.raises(RewardWeightsMissingError, match=str(missing)):
         get_reward("aesthetic", head_path=str(missing))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
-    with pytest.raises(MissingWeightsError, match="trl-lib/ddpo-aesthetic-predictor.*head_path"):
+    with pytest.raises(RewardWeightsMissingError, match="trl-lib/ddpo-aesthetic-predictor.*head_path"):
         get_reward("aesthetic")
     assert time.monotonic() - start < 5
 

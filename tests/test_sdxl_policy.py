@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from align_gen.builtins.tiny_diffusion import build_tiny_random_sdxl
 from align_gen.config import LoraConfig, ModelConfig, SampleConfig
 from align_gen.policies import build_policy
 from align_gen.policies.diffusion import SDXLPolicy
-from align_gen.policies.loading import build_tiny_random_sdxl
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle"]
 

@@ -122,17 +122,17 @@ def test_updates_lower_the_winners_divergence(lora: bool) -> None:
     objective.setup(policy, run)
     generator = torch.Generator().manual_seed(0)
     batch = objective.sample(policy, ["a red circle", "a blue square", "a green triangle", "a red circle"], generator)
-    assert batch.preferred.shape == batch.final_samples.shape
+    assert batch.extras["preferred"].shape == batch.final_samples.shape
 
     t = torch.tensor([100, 300, 500, 700])
-    noise = torch.randn(batch.preferred.shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(batch.extras["preferred"].shape, generator=torch.Generator().manual_seed(1))
 
     def divergence(clean: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             terms = policy.matching_terms(batch, t=t, noise=noise, clean=clean)
         return terms.loss - terms.reference_loss[0]
 
-    assert divergence(batch.preferred).abs().max() < 1e-7
+    assert divergence(batch.extras["preferred"]).abs().max() < 1e-7
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3 if lora else 1e-4)
     for update in range(3):
         optimizer.zero_grad()
@@ -140,8 +140,8 @@ def test_updates_lower_the_winners_divergence(lora: bool) -> None:
             term.loss.backward()
         optimizer.step()
         if update == 0:  # one update already prefers the winner: d(x_w) - d(x_ref) < 0
-            assert (divergence(batch.preferred) - divergence(batch.encoded_images)).mean() < 0
-    assert divergence(batch.preferred).mean() < -1e-3
+            assert (divergence(batch.extras["preferred"]) - divergence(batch.extras["encoded_images"])).mean() < 0
+    assert divergence(batch.extras["preferred"]).mean() < -1e-3
 
 
 def _sampled_against_the_initial_model():
@@ -169,8 +169,8 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
     encoded latents (measured on the world model: held-out CLIP -0.018 +- 0.005 before this,
     -0.006 after, same run)."""
     _, policy, objective, batch = _sampled_against_the_initial_model()
-    assert torch.allclose(batch.encoded_images, policy.encode_samples(batch.images))
-    assert not torch.allclose(batch.encoded_images, batch.final_samples, atol=1e-2)  # the round trip is not exact
+    assert torch.allclose(batch.extras["encoded_images"], policy.encode_samples(batch.images))
+    assert not torch.allclose(batch.extras["encoded_images"], batch.final_samples, atol=1e-2)  # the round trip is not exact
     with torch.no_grad():  # move the policy away from its initial reference, so d(x_ref) != 0
         for param in policy.trainable_parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -181,10 +181,10 @@ def test_reference_samples_take_the_winners_vae_round_trip() -> None:
 
     t, noise = _objective_draws(policy, seed=2)
     with torch.no_grad():
-        terms = policy.matching_terms(batch, t=t, noise=noise, clean=batch.encoded_images, references=[None])
+        terms = policy.matching_terms(batch, t=t, noise=noise, clean=batch.extras["encoded_images"], references=[None])
     expected = float((terms.loss - terms.reference_loss[0]).mean())
     assert reference_divergence(batch) == pytest.approx(expected, rel=1e-4, abs=1e-8)
-    assert reference_divergence(dataclasses.replace(batch, encoded_images=batch.final_samples)) != pytest.approx(
+    assert reference_divergence(dataclasses.replace(batch, extras={**batch.extras, "encoded_images": batch.final_samples})) != pytest.approx(
         expected, rel=1e-2
     )
 
@@ -205,7 +205,7 @@ def test_sft_weight_adds_the_winners_own_matching_loss() -> None:
     with_sft, metrics = loss_of(weighted)
     t, noise = _objective_draws(policy, seed=2)
     with torch.no_grad():
-        winner_loss = float(policy.matching_terms(batch, t=t, noise=noise, clean=batch.preferred).loss.mean())
+        winner_loss = float(policy.matching_terms(batch, t=t, noise=noise, clean=batch.extras["preferred"]).loss.mean())
     assert metrics["winner_loss"] == pytest.approx(winner_loss, rel=1e-5)
     assert base_metrics["winner_loss"] == pytest.approx(winner_loss, rel=1e-5)
     assert with_sft == pytest.approx(base + 3.0 * winner_loss, rel=1e-5)

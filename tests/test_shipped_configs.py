@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from align_gen.builtins import PREFIX as BUILTIN_PREFIX
 from align_gen.cli import main
 from align_gen.config import RunConfig, load_config, to_dict
-from align_gen.policies.loading import BUILTIN_PREFIX
 from reward_models import check_reward_config
 from tests.stand_ins import MODELS, TINY_DATA, RewardStandIns, prompt_source
 

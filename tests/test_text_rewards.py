@@ -26,7 +26,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from align_gen.errors import ConfigError, MissingWeightsError, RewardError
 from align_gen.types import VisualPrompt
 from reward_models import (
     AnswerMatch,
@@ -39,6 +38,7 @@ from reward_models import (
     get_reward,
     jpeg_size_kb,
 )
+from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
 
 
 def visual(text: str, answer: str | None = None, key: str = "img.png") -> VisualPrompt:
@@ -145,15 +145,15 @@ def test_answer_match_missing_answer_names_the_prompt_and_the_fix() -> None:
 
 
 def test_answer_match_bad_options() -> None:
-    with pytest.raises(ConfigError, match="mode must be one of 'exact', 'contains', 'regex'"):
+    with pytest.raises(RewardConfigError, match="mode must be one of 'exact', 'contains', 'regex'"):
         get_reward("answer_match", mode="fuzzy")
-    with pytest.raises(ConfigError, match="needs mode 'regex'"):
+    with pytest.raises(RewardConfigError, match="needs mode 'regex'"):
         get_reward("answer_match", pattern="yes")
-    with pytest.raises(ConfigError, match="is not a regex"):
+    with pytest.raises(RewardConfigError, match="is not a regex"):
         get_reward("answer_match", mode="regex", pattern="(")
-    with pytest.raises(ConfigError, match="case_sensitive must be true or false"):
+    with pytest.raises(RewardConfigError, match="case_sensitive must be true or false"):
         get_reward("answer_match", case_sensitive="yes")
-    with pytest.raises(ConfigError, match="valid options: mode, pattern, case_sensitive"):
+    with pytest.raises(RewardConfigError, match="valid options: mode, pattern, case_sensitive"):
         get_reward("answer_match", modes="exact")
 
 
@@ -180,7 +180,7 @@ def test_image_rewards_ignore_texts_and_accept_visual_prompts(images: torch.Tens
     torch.testing.assert_close(jpeg(images, ["a", "b", "c"]), expected)
     torch.testing.assert_close(jpeg(images, PROMPTS), expected)
     torch.testing.assert_close(jpeg(images, PROMPTS, texts=TEXTS), expected)
-    with pytest.raises(RewardError, match=r"prompts\[1\] is a int.*VisualPrompt"):
+    with pytest.raises(RewardError, match=r"prompts\[1\] is a int.*image prompts"):
         jpeg(images, ["a", 2, "c"])
 
 
@@ -295,7 +295,7 @@ def test_clip_text_image_is_the_cosine_of_image_and_text(
 
 def test_clip_text_image_missing_checkpoint(tiny_clip: tuple, tmp_path: Path) -> None:
     missing = tmp_path / "no_such_clip.pt"
-    with pytest.raises(MissingWeightsError, match=f"{missing}.*clip_text_image.pretrained="):
+    with pytest.raises(RewardWeightsMissingError, match=f"{missing}.*clip_text_image.pretrained="):
         get_reward("clip_text_image", model_name=tiny_clip[0], pretrained=str(missing))
 
 
@@ -391,15 +391,15 @@ def test_sequence_classifier_errors(
     classifier_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = str(classifier_folders["three"])
-    with pytest.raises(ConfigError, match=r"label must be an index in \[0, 3\).*'bad', 'good'"):
+    with pytest.raises(RewardConfigError, match=r"label must be an index in \[0, 3\).*'bad', 'good'"):
         get_reward("sequence_classifier", model=folder, label=3)
-    with pytest.raises(ConfigError, match="no model given.*sequence_classifier.model="):
+    with pytest.raises(RewardConfigError, match="no model given.*sequence_classifier.model="):
         get_reward("sequence_classifier")
     missing = tmp_path / "no_such_model"
-    with pytest.raises(MissingWeightsError, match=f"{missing} does not exist.*classifier.model="):
+    with pytest.raises(RewardWeightsMissingError, match=f"{missing} does not exist.*classifier.model="):
         get_reward("sequence_classifier", model=str(missing))
     missing.mkdir()
-    with pytest.raises(MissingWeightsError, match=f"{missing} has no config.json"):
+    with pytest.raises(RewardWeightsMissingError, match=f"{missing} has no config.json"):
         get_reward("sequence_classifier", model=str(missing))
     with pytest.raises(RewardError, match="randomly initialised head"):
         get_reward("sequence_classifier", model=str(classifier_folders["base"]))
@@ -407,7 +407,7 @@ def test_sequence_classifier_errors(
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     start = time.monotonic()
     with pytest.raises(
-        MissingWeightsError,
+        RewardWeightsMissingError,
         match=r"could not load 'align-gen/no-such-rm' from the hub offline.*"
         r"huggingface-cli download align-gen/no-such-rm",
     ):

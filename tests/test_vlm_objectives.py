@@ -106,11 +106,11 @@ def test_seppo_lowers_the_dataset_answer_s_divergence(family: str) -> None:
     objective.setup(policy, run)
     generator = torch.Generator().manual_seed(0)
     batch = objective.sample(policy, questions(3), generator)
-    assert policy.decode(batch.preferred) == [p.answer for p in questions(3)]
+    assert policy.decode(batch.extras["preferred"]) == [p.answer for p in questions(3)]
 
     def winner_divergence() -> torch.Tensor:
         with torch.no_grad():
-            terms = policy.matching_terms(batch, t=policy.training_timesteps(3), noise=policy.training_noise(3), clean=batch.preferred)
+            terms = policy.matching_terms(batch, t=policy.training_timesteps(3), noise=policy.training_noise(3), clean=batch.extras["preferred"])
         return terms.loss - terms.reference_loss[0]
 
     assert winner_divergence().abs().max() < 1e-6

@@ -208,7 +208,7 @@ def test_a_prompt_longer_than_the_context_is_refused() -> None:
 
 
 def test_a_model_without_a_chat_template_is_refused() -> None:
-    from align_gen.policies.tiny_vlms import build_tiny_random_llava
+    from align_gen.builtins.tiny_vlms import build_tiny_random_llava
 
     model, processor = build_tiny_random_llava()
     processor.chat_template = None

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective
+from align_gen.objectives.base import Objective, ObjectiveConfig
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
+
+if TYPE_CHECKING:
+    from align_gen.config import RunConfig
 
 Tensor = torch.Tensor
 _TINY = 1e-10  # keeps (l + tiny)^p differentiable at l = 0

@@ -17,13 +17,24 @@ SePPO overrides the hooks: it samples from a past checkpoint and keeps a ring of
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
+
+if TYPE_CHECKING:  # the run's config is read, never built, here (config.py imports this module)
+    from align_gen.config import RunConfig
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """Base of every objective's config; ``name`` selects the objective."""
+
+    name: str = "ddpo"  # the objective: ddpo, rebel, awm or seppo
 
 
 class Objective:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
-from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective
+from align_gen.objectives.base import Objective, ObjectiveConfig
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
+
+if TYPE_CHECKING:
+    from align_gen.config import RunConfig
 
 Tensor = torch.Tensor
 
@@ -94,15 +97,13 @@ class DDPO(Objective):
         # forward pass mixes timesteps and the update is not biased toward any step.
         order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_samples)])
         order = order[:, :num_train].to(batch.log_probs.device)  # (B, num_train)
-        # policy.steps_per_forward steps per piece (one denoiser forward of k * B rows each), or
-        # all at once when one pass scores them all (a VLM's tokens: the loss is then the mean
+        # One piece per forward pass the policy scores (k steps of each sample as one denoiser
+        # forward of k * B rows, or all of them in a VLM's one pass: the loss is then the mean
         # over all valid tokens). The pieces' losses add up to the same loss for any k.
-        chunk = policy.steps_per_forward or num_train
         # Each piece's mean is weighted by its share of the trainable (unmasked) transitions, so
         # the pieces sum to the mean over all of them whatever the chunking.
         trainable = batch.step_mask.gather(1, order).sum().clamp(min=1)  # ()
-        for start in range(0, num_train, chunk):
-            steps = order[:, start : start + chunk]  # (B, c)
+        for steps in policy.step_pieces(order):  # (B, c) each
             log_prob = policy.step_log_prob(batch, steps)  # (B, c)
             old_log_prob = batch.log_probs.gather(1, steps)  # (B, c)
             mask = batch.step_mask.gather(1, steps)  # (B, c)

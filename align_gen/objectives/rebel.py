@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective
+from align_gen.objectives.base import Objective, ObjectiveConfig
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
+
+if TYPE_CHECKING:
+    from align_gen.config import RunConfig
 
 Tensor = torch.Tensor
 
@@ -120,11 +122,10 @@ class Rebel(Objective):
         weight = (2 * residual / (self.config.eta * residual.numel())).repeat_interleave(2)  # (B,)
         weight[1::2] *= -1
 
-        # Pass 2: policy.steps_per_forward steps per piece (all in one piece when one pass scores
-        # them all, as a VLM's does); each piece's gradient is its steps' share of the exact gradient.
-        chunk = policy.steps_per_forward or batch.num_steps
-        for start in range(0, batch.num_steps, chunk):
-            steps = all_steps[start : start + chunk]  # (c,)
+        # Pass 2: one piece per forward pass the policy scores (all in one piece when one pass
+        # scores them all, as a VLM's does); each piece's gradient is its steps' share of the
+        # exact gradient.
+        for piece, steps in enumerate(policy.step_pieces(all_steps)):  # (c,) each
             step_log_probs = policy.step_log_prob(batch, steps)  # (B, c)
             surrogate = (weight[:, None] * mask[:, steps] * step_log_probs).sum()  # ()
-            yield LossOutput(surrogate, metrics if start == 0 else {})
+            yield LossOutput(surrogate, metrics if piece == 0 else {})

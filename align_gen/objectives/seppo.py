@@ -17,7 +17,7 @@ flips (or drops) the reference term.
 
 Both members of a pair are compared as images: the winner is a dataset image encoded by the
 VAE, and x_ref is the reference's decoded sample encoded back the same way
-(``Rollout.encoded_images``), not the sampler's final latent. Otherwise every pair also differs
+(``rollout.extras["encoded_images"]``), not the sampler's final latent. Otherwise every pair also differs
 by the VAE's round trip (18% of the latent's scale on the tiny world's VAE), a difference the
 policy can learn instead of the preference.
 
@@ -44,18 +44,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
-from align_gen.config import ObjectiveConfig, RunConfig
 from align_gen.errors import ConfigError
 from align_gen.image_datasets import PromptImageDataset, is_image_dataset_source, load_image_dataset
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective
+from align_gen.objectives.base import Objective, ObjectiveConfig
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
+
+if TYPE_CHECKING:
+    from align_gen.config import RunConfig
 
 Tensor = torch.Tensor
 Weights = dict[str, Tensor]
@@ -197,17 +199,20 @@ class SePPO(Objective):
             self.dataset = load_image_dataset(run.prompts.source)
 
     def sample(self, policy: Policy, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
-        """The reference model's samples of ``prompts``, with a dataset winner for each prompt
-        as ``preferred``."""
+        """The reference model's samples of ``prompts``, with SePPO's two ``rollout.extras``:
+        ``preferred``, the dataset winner of each prompt in the representation of
+        ``final_samples`` ((B, C, h, w) latents, or a VLM's (B, T) answer tokens), and, for
+        text-to-image, ``encoded_images``, the (B, C, h, w) decoded samples encoded back to
+        latents (the path every dataset image takes)."""
         if self._reference is None:
             self._reference = self.ring.choose(self.config.reference, generator)
         with policy.reference(self._reference[1]):
             rollout = policy.sample(prompts, generator=generator)
-        rollout.preferred = policy.encode_samples(self._winners(policy, prompts, generator))
+        rollout.extras["preferred"] = policy.encode_samples(self._winners(policy, prompts, generator))
         if not policy.takes_images:
             # The winners are images encoded by the VAE; the reference's samples take the same
             # decode-encode path, so that the pair differs in content, not in the VAE's round trip.
-            rollout.encoded_images = policy.encode_samples(rollout.images)
+            rollout.extras["encoded_images"] = policy.encode_samples(rollout.images)
         return rollout
 
     def _winners(self, policy: Policy, prompts: Sequence, generator: torch.Generator) -> torch.Tensor | list[str]:
@@ -226,7 +231,7 @@ class SePPO(Objective):
         return self.dataset.images_for(prompts, policy.resolution, generator)
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
-        if batch.preferred is None or self._reference is None:
+        if "preferred" not in batch.extras or self._reference is None:
             raise ValueError("SePPO trains on rollouts from SePPO.sample (they carry the winners).")
         size = len(batch)
         # Winners and reference samples go through the models as one batch of 2B with the same
@@ -235,8 +240,8 @@ class SePPO(Objective):
         t = policy.training_timesteps(size, generator).repeat(2)
         noise = policy.training_noise(size, generator)
         noise = torch.cat([noise, noise])
-        other = batch.final_samples if batch.encoded_images is None else batch.encoded_images
-        clean = torch.cat([batch.preferred, other])
+        other = batch.extras.get("encoded_images", batch.final_samples)
+        clean = torch.cat([batch.extras["preferred"], other])
         terms = policy.matching_terms(pairs, t=t, noise=noise, clean=clean, references=[self._reference[1]])
         divergence = terms.loss - terms.reference_loss[0]  # (2B,) d(x)
         loss, metrics = seppo_loss(divergence[:size], divergence[size:], self.config.beta, self.config.sign)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.policies.weights import TrainableWeights, write_model_card
+from align_gen.policy import split_steps
 from align_gen.types import MatchingTerms, Rollout
 
 Tensor = torch.Tensor
@@ -316,12 +317,18 @@ class DenoiserPolicy(TrainableWeights):
         :attr:`steps_per_forward` columns run as one denoiser forward (their rows stacked
         column-major: c * B rows, each row's conditioning repeated)."""
         steps = torch.as_tensor(steps, device=self.device)
-        batch = len(rollout)
         if steps.dim() == 1:
-            steps = steps.expand(batch, -1)
-        chunk = self.steps_per_forward or steps.shape[1]
-        pieces = [self._log_prob_of_columns(rollout, part) for part in steps.split(chunk, dim=1)]
-        return torch.cat(pieces, dim=1)
+            steps = steps.expand(len(rollout), -1)
+        return torch.cat([self._log_prob_of_columns(rollout, part) for part in self.step_pieces(steps)], dim=1)
+
+    def step_pieces(self, steps: Tensor) -> tuple[Tensor, ...]:
+        """``steps`` in pieces of :attr:`steps_per_forward` columns (see the Policy protocol)."""
+        return split_steps(steps, self.steps_per_forward)
+
+    def set_steps_per_forward(self, steps: int) -> None:
+        if steps < 1:
+            raise ConfigError(f"train.steps_per_forward must be >= 1, got {steps}.")
+        self.steps_per_forward = steps
 
     def _log_prob_of_columns(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, c) log-probs of the transitions at ``steps`` (B, c), in one denoiser forward."""

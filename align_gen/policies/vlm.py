@@ -40,6 +40,7 @@ from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.image_datasets import load_prompt_images
 from align_gen.policies.weights import TrainableWeights, write_model_card
+from align_gen.policy import split_steps
 from align_gen.types import MatchingTerms, Rollout, VisualPrompt
 
 Tensor = torch.Tensor
@@ -326,6 +327,13 @@ class VLMPolicy(TrainableWeights):
         return [
             self.tokenizer.decode(row[row >= 0].tolist(), skip_special_tokens=True).strip() for row in answers.cpu()
         ]
+
+    def step_pieces(self, steps: Tensor) -> tuple[Tensor, ...]:
+        """``steps`` in one piece: one teacher-forced pass scores every token."""
+        return split_steps(steps, None)
+
+    def set_steps_per_forward(self, steps: int) -> None:
+        """Ignored: one teacher-forced pass scores every token."""
 
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, k) float32 log-probs of the answer tokens at ``steps`` ((k,) or (B, k) token

@@ -42,7 +42,15 @@ class TrainableWeights:
     frozen with ``_reference_weights = None``)."""
 
     model: torch.nn.Module
+    forward_model: torch.nn.Module  # what forward passes go through: ``model`` or a wrapper of it
     _reference_weights: dict[str, Tensor] | None = None
+
+    def use_forward_module(self, module: torch.nn.Module) -> None:
+        """Forward passes go through ``module`` (``model`` wrapped by accelerate or compiled)."""
+        self.forward_model = module
+
+    def set_training_mode(self, training: bool) -> None:
+        self.model.train(training)
 
     def _make_trainable(self, lora: LoraConfig, target_modules: Iterable[str]) -> None:
         """Adds LoRA adapters on ``target_modules`` (peft's matching: names or name suffixes) or,

@@ -2,16 +2,17 @@
 embedded default models (tiny CLIP, VAE, UNet, captioner, preference head) are trained on, so the
 toolkit runs end to end with no hub and no GPU. See :mod:`align_gen.world.shapes`.
 
-The built models ship in ``align_gen/world/weights/`` and are named anywhere a model or reward
-folder is expected by ``align-gen:world`` (the text-to-image model), ``align-gen:world-clip``,
-``align-gen:world-captioner`` and ``align-gen:world-preference``, which work from any working
-directory (:func:`resolve_shipped`).
+The built models ship in ``align_gen/world/weights/`` and are built-in models (see
+:mod:`align_gen.builtins`): ``align-gen:world`` (the text-to-image model),
+``align-gen:world-clip``, ``align-gen:world-captioner`` and ``align-gen:world-preference`` name
+them anywhere a model or reward folder is expected, from any working directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from align_gen.builtins import register_builtin
 from align_gen.errors import MissingWeightsError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # what the package ships (and `make demo` uses)
@@ -21,27 +22,22 @@ SHIPPED_MODELS = {  # align-gen:<name> -> its folder under WEIGHTS_DIR
     "world-captioner": "captioner",
     "world-preference": "preference",
 }
-PREFIX = "align-gen:"  # every built-in name's prefix (the policies' tiny models too)
 
 
-def is_shipped(spec: str) -> bool:
-    """Whether ``spec`` names one of the world's shipped models (``align-gen:world...``)."""
-    return isinstance(spec, str) and spec.startswith(PREFIX) and spec[len(PREFIX) :] in SHIPPED_MODELS
-
-
-def resolve_shipped(spec: str) -> str:
-    """The folder of a shipped world model named ``align-gen:world...``; any other ``spec``
-    (a hub id, a folder, another built-in) unchanged.
+def shipped_folder(name: str) -> Path:
+    """The folder of the shipped world model ``align-gen:name``.
 
     Raises:
-        MissingWeightsError: the name is a world model whose folder is absent (not built).
+        MissingWeightsError: the folder is absent (not built).
     """
-    if not is_shipped(spec):
-        return spec
-    folder = WEIGHTS_DIR / SHIPPED_MODELS[spec[len(PREFIX) :]]
+    folder = WEIGHTS_DIR / SHIPPED_MODELS[name]
     if not folder.is_dir():
         raise MissingWeightsError(
-            f"{spec} is not built: {folder} is missing; build it with "
-            f"`align-gen world build --out {WEIGHTS_DIR}` (see the README's tiny-world section)."
+            f"align-gen:{name} is not built: {folder} is missing; build it with "
+            f"`align-gen world build --out {WEIGHTS_DIR}` (see the docs' tiny-world page)."
         )
-    return str(folder)
+    return folder
+
+
+for _name in SHIPPED_MODELS:
+    register_builtin(_name, "folder")(lambda name=_name: shipped_folder(name))

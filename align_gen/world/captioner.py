@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from align_gen.policies.tiny_vlms import word_level_llava
+from align_gen.builtins.tiny_vlms import word_level_llava
 from align_gen.world import clip, shapes
 from align_gen.world.training import OnStep, resume, warmup_cosine
 

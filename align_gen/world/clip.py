@@ -2,8 +2,8 @@
 
 It is the world's ``clip_score`` reward (``reward.options: {clip_score: {model: <folder>}}``) and
 the source of the world's diffusion text encoder (its ``text_model`` is a ``CLIPTextModel``), so
-the code paths that run a real CLIP ViT-L/14 and SD1.5 run it too. Sizes follow the measured
-prototype in DESIGN.md (hidden 128, 3 text / 4 vision layers, 4 px patches on 32 px images).
+the code paths that run a real CLIP ViT-L/14 and SD1.5 run it too. Sizes: hidden 128, 3 text / 4
+vision layers, 4 px patches on 32 px images (a prototype measured to learn the world in minutes).
 
 The tokenizer is a word-level vocabulary over the world's caption words (plus ``<unk>`` for
 anything else), lower-cased, ``<bos> words <eos>`` padded to :data:`CONTEXT_LENGTH` tokens: a

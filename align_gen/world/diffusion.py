@@ -399,9 +399,9 @@ def prompt_alignment(
 
 def _sample(pipeline_or_policy, prompts: list[str], seed: int, num_steps: int, guidance_scale: float) -> torch.Tensor:
     """(B, 3, H, W) images in [0, 1] for ``prompts`` from noise seeded by ``seed``."""
-    from align_gen.policies.common import DenoiserPolicy
+    from diffusers import DiffusionPipeline
 
-    if isinstance(pipeline_or_policy, DenoiserPolicy):
+    if not isinstance(pipeline_or_policy, DiffusionPipeline):  # a policy
         generator = torch.Generator(pipeline_or_policy.device).manual_seed(seed)
         return pipeline_or_policy.sample(prompts, generator=generator).images.float().cpu()
     pipeline = pipeline_or_policy

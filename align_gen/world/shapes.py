@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from align_gen.image_datasets import image_to_tensor
+from reward_models.images import image_to_tensor
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from align_gen.builtins import register_builtin
+
 # The words of the tiny world's questions and answers (lower-cased by the tokenizer).
 TINY_WORDS = (
     "user assistant what colour color is the shape image picture this it of a an and "
@@ -121,6 +123,7 @@ def word_level_llava(vision_config, image_processor, *, words: Sequence[str] = T
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
+@register_builtin("tiny-random-llava", "vlm")
 def build_tiny_random_llava(seed: int = 0):
     """(model, processor): a LLaVA with a 2-layer CLIP vision tower (32 px, 8 px patches) and a
     2-layer Llama of width 32."""
@@ -179,6 +182,7 @@ def _tiny_qwen_vl_config_fields(vocab: dict[str, int]) -> dict:
     }
 
 
+@register_builtin("tiny-random-qwen2-vl", "vlm")
 def build_tiny_random_qwen2_vl(seed: int = 0):
     """(model, processor): a Qwen2-VL with a 2-layer vision transformer (32 px, 4 px patches,
     2x2 merge: 16 image tokens) and a 2-layer language model of width 32 with M-RoPE."""
@@ -203,6 +207,7 @@ def build_tiny_random_qwen2_vl(seed: int = 0):
     return Qwen2VLForConditionalGeneration(config).eval(), processor
 
 
+@register_builtin("tiny-random-qwen2.5-vl", "vlm")
 def build_tiny_random_qwen2_5_vl(seed: int = 0):
     """(model, processor): a Qwen2.5-VL with the Qwen2-VL twin's processor and language model and
     a 2-layer vision transformer whose first block attends within 16 px windows (2x2 merged
@@ -234,6 +239,7 @@ def build_tiny_random_qwen2_5_vl(seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
 
 
+@register_builtin("tiny-random-idefics3", "vlm")
 def build_tiny_random_idefics3(seed: int = 0):
     """(model, processor): an Idefics3 (SmolVLM's architecture) with a 2-layer vision transformer
     (32 px, 8 px patches: 16 patches, pixel-shuffled by 2 into 4 image tokens) and a 2-layer
@@ -271,11 +277,3 @@ def build_tiny_random_idefics3(seed: int = 0):
     )
     torch.manual_seed(seed)
     return Idefics3ForConditionalGeneration(config).eval(), processor
-
-
-TINY_VLMS = {
-    "tiny-random-llava": build_tiny_random_llava,
-    "tiny-random-qwen2-vl": build_tiny_random_qwen2_vl,
-    "tiny-random-qwen2.5-vl": build_tiny_random_qwen2_5_vl,
-    "tiny-random-idefics3": build_tiny_random_idefics3,
-}
