@@ -24,12 +24,15 @@ How: one process, one warm-up update (it also allocates AdamW's state), then ``-
 timed updates over the same rollouts (the weights move between repeats; the cost of an update does
 not depend on them), each between ``torch.cuda.synchronize()`` calls on CUDA; with
 ``--compare-anchor`` the two alternate (ours, anchor, ours, ...) after one warm-up of each.
-Reported: the median seconds per update, samples/s (rollouts processed per second of update,
+Reported: the median seconds per update (wall-clock, and the process's CPU time beside it),
+samples/s (rollouts processed per second of update,
 all their timesteps included) and transitions/s (= samples/s x steps); on CUDA also the peak
 memory allocated (``torch.cuda.max_memory_allocated``) during each side's updates. Model FLOPs:
 one minibatch's loss piece (one timestep, forward and backward) counted by ``FlopCounterMode``,
 times the pieces of an update; divided by the median time, and on a GPU of
-``harness.PEAK_BF16_FLOPS`` by its bf16 peak (MFU).
+``harness.PEAK_BF16_FLOPS`` by its bf16 peak (MFU). ``--json OUT`` writes the result
+(``harness.BenchmarkResult``: rows "align-gen" and, with ``--compare-anchor``, "anchor (two-pass
+CFG)" or "anchor (batched CFG)").
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --lora [--json out.json]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --full
@@ -46,20 +49,25 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
+    Timing,
     add_common_flags,
     build_like_train,
     count_flops,
     describe_machine,
     flops_report,
     format_flops,
-    load_average,
     median,
+    percent,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
     resolve_model,
+    settings_of,
     timed,
-    write_json,
+    timing_numbers,
 )
 
 from align_gen.config import RunConfig, from_dict
@@ -279,23 +287,23 @@ def update_flops(
 
 def time_sides(
     sides: dict[str, Callable[[], tuple[dict[str, float], int]]], repeats: int, device: torch.device
-) -> tuple[dict[str, list[float]], dict[str, float | None], dict[str, int]]:
-    """One warm-up call of each side, then ``repeats`` interleaved rounds. Returns the timed
-    seconds, the peak CUDA GiB allocated during each side's calls (None off CUDA) and each
-    side's optimizer steps per update."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
+) -> tuple[dict[str, list[Timing]], dict[str, float | None], dict[str, int]]:
+    """One warm-up call of each side, then ``repeats`` interleaved rounds. Returns the timings
+    (wall and CPU seconds), the peak CUDA GiB allocated during each side's calls (None off CUDA)
+    and each side's optimizer steps per update."""
+    times: dict[str, list[Timing]] = {name: [] for name in sides}
     peaks: dict[str, float | None] = {name: None for name in sides}
     optimizer_steps: dict[str, int] = {}
     for repeat in range(repeats + 1):  # repeat 0 is the warm-up
         for name, fn in sides.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, (_, optimizer_steps[name]) = timed(fn, device)
+            timing, (_, optimizer_steps[name]) = timed(fn, device)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**30
                 peaks[name] = max(peaks[name] or 0.0, peak)
             if repeat:
-                times[name].append(seconds)
+                times[name].append(timing)
     return times, peaks, optimizer_steps
 
 
@@ -318,19 +326,20 @@ def main() -> None:
 
     generator = epoch_generator(config.seed, 0, accelerator.process_index)
     prompts = load_prompts(config.prompts.source)
-    sampling_s, rollouts = timed(
+    sampling, rollouts = timed(
         lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device
     )
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
     flops = update_flops(policy, objective, optimizer, rollouts, config, accelerator)
 
+    anchor_name = f"anchor ({args.anchor_cfg} CFG)"
     sides: dict[str, Callable[[], tuple[dict[str, float], int]]] = {
         "align-gen": lambda: update(
             policy, objective, optimizer, rollouts, config, generator, accelerator
         )
     }
     if args.compare_anchor:
-        sides["anchor"] = lambda: anchor_update(
+        sides[anchor_name] = lambda: anchor_update(
             policy, optimizer, rollouts, config, generator, accelerator, args.anchor_cfg
         )
     times, peaks, optimizer_steps = time_sides(sides, args.repeats, device)
@@ -341,92 +350,106 @@ def main() -> None:
         f"resolution={policy.resolution} guidance={args.guidance_scale} "
         f"mixed_precision={args.mixed_precision} repeats={args.repeats} (+1 warm-up)"
     )
-    results = report(times, peaks, optimizer_steps, len(rollouts), args.steps, flops, device)
-    print(
-        f"(sampling the epoch took {sampling_s:.3g} s: {len(rollouts) / sampling_s:.3g} images/s)"
+    rows, table, comparisons, notes = report(
+        times, peaks, optimizer_steps, len(rollouts), args.steps, flops, device
     )
-    settings = {
-        **vars(args),
-        "model": model_name,
-        "model_folder": args.model,
-        "json": str(args.json),
-    }
-    write_json(
-        args.json,
-        {
-            "benchmark": "ddpo_update",
-            "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {**settings, "dtype": dtype, "mode": mode, "resolution": policy.resolution},
+    notes.append(
+        f"sampling the epoch took {sampling.wall_s:.3g} s: {len(rollouts) / sampling.wall_s:.3g} images/s"
+    )
+    result = BenchmarkResult(
+        benchmark="ddpo_update",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(
+            args,
+            model=model_name,
+            model_folder=args.model,
+            dtype=dtype,
+            mode=mode,
+            resolution=policy.resolution,
+        ),
+        machine=machine,
+        rows=rows,
+        table=table,
+        comparisons=comparisons,
+        notes=notes,
+        extra={
             "trainable_parameters": trainable,
             "denoiser_parameters": total,
             "rollouts": len(rollouts),
             "model_flops_per_update": flops,
-            "sampling_seconds": sampling_s,
-            **results,
+            "sampling_wall_s": sampling.wall_s,
+            "sampling_cpu_s": sampling.cpu_s,
         },
     )
+    publish(result, args.json)
 
 
 def report(
-    times: dict[str, list[float]],
+    times: dict[str, list[Timing]],
     peaks: dict[str, float | None],
     optimizer_steps: dict[str, int],
     rollouts: int,
     steps: int,
     flops: int,
     device: torch.device,
-) -> dict[str, Any]:
-    """Prints the table (one row per side), the FLOPs / MFU lines and the anchor ratio; returns
-    the numbers for the JSON file."""
-    rows, results = [], {}
-    for name, values in times.items():
-        seconds = median(values)
-        flop_numbers = flops_report(flops, seconds, device)
-        results[name] = {
-            "seconds": values,
-            "median_seconds": seconds,
-            "samples_per_s": rollouts / seconds,
-            "transitions_per_s": rollouts * steps / seconds,
-            "optimizer_steps_per_update": optimizer_steps[name],
-            "peak_memory_gib": peaks[name],
-            **flop_numbers,
-        }
-        peak = peaks[name]
+) -> tuple[list[dict[str, Any]], Table, list[Comparison], list[str]]:
+    """The result's rows (one per side), its table, the align-gen / anchor comparison (when the
+    anchor ran) and the FLOPs / MFU lines."""
+    rows, notes = [], []
+    for name, timings in times.items():
+        seconds = median([t.wall_s for t in timings])
+        achieved = flops_report(flops, seconds, device)
         rows.append(
-            [
-                name,
-                seconds,
-                min(values),
-                max(values),
-                rollouts / seconds,
-                rollouts * steps / seconds,
-                optimizer_steps[name],
-                "n/a (cpu)" if peak is None else peak,
-            ]
+            {
+                "name": name,
+                **timing_numbers(timings),
+                "samples_per_s": rollouts / seconds,
+                "transitions_per_s": rollouts * steps / seconds,
+                "optimizer_steps_per_update": optimizer_steps[name],
+                "peak_memory_gib": peaks[name],
+                **achieved,
+            }
         )
+        notes.append(format_flops(f"{name} update", flops, achieved, device))
     header = [
         "",
         "median s/update",
         "min",
         "max",
+        "median CPU s",
         "samples/s",
         "transitions/s",
         "opt steps",
         "peak GiB",
+        "TFLOP/s",
+        "MFU",
     ]
-    print_table(header, rows)
-    for name, numbers in results.items():
-        achieved = flops_report(flops, numbers["median_seconds"], device)
-        print(format_flops(f"{name} update", flops, achieved, device))
-    if "anchor" in times:
-        ratio = results["align-gen"]["samples_per_s"] / results["anchor"]["samples_per_s"]
-        paired = median([a / o for o, a in zip(times["align-gen"], times["anchor"], strict=True)])
-        print(
-            f"\nspeed-up align-gen / anchor (samples/s) = {ratio:.3f}; median of per-pair ratios = {paired:.3f}"
-        )
-        results["ratio_ours_over_anchor"] = ratio
-        results["median_pair_ratio"] = paired
-    return results
+    table = Table.of(
+        header,
+        [
+            [
+                row["name"],
+                row["median_wall_s"],
+                row["min_wall_s"],
+                row["max_wall_s"],
+                row["median_cpu_s"],
+                row["samples_per_s"],
+                row["transitions_per_s"],
+                row["optimizer_steps_per_update"],
+                f"n/a ({device.type})" if row["peak_memory_gib"] is None else row["peak_memory_gib"],
+                row["tflops"],
+                percent(row["mfu"]),
+            ]
+            for row in rows
+        ],
+    )
+    comparisons = []
+    if len(rows) == 2:
+        ours, anchor = rows
+        ratio = ours["samples_per_s"] / anchor["samples_per_s"]
+        paired = median([a / o for o, a in zip(ours["wall_s"], anchor["wall_s"], strict=True)])
+        comparisons.append(Comparison(f"align-gen / {anchor['name']} samples/s", ratio, paired))
+    return rows, table, comparisons, notes
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def build_sd15(scale: str, folder: Path, seed: int = 0) -> dict[str, int]:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from align_gen.policies.loading import build_clip_tokenizer
+    from align_gen.builtins.tiny_diffusion import build_clip_tokenizer
 
     torch.manual_seed(seed)
     with torch.device(_init_device()):
@@ -342,7 +342,7 @@ def build_sd35m(scale: str, folder: Path, seed: int = 0) -> dict[str, int]:
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from align_gen.policies.loading import build_clip_tokenizer, build_t5_tokenizer
+    from align_gen.builtins.tiny_diffusion import build_clip_tokenizer, build_t5_tokenizer
 
     t5_tokenizer = build_t5_tokenizer()
     transformer_config = scaled(SD35M_TRANSFORMER, "sd35m", scale, "transformer")
@@ -395,7 +395,7 @@ def build_qwen2vl_2b(scale: str, folder: Path, seed: int = 0) -> dict[str, int]:
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from align_gen.policies.tiny_vlms import build_tiny_random_qwen2_vl
+    from align_gen.builtins.tiny_vlms import build_tiny_random_qwen2_vl
 
     tiny_processor = build_tiny_random_qwen2_vl()[1]
     vocab = tiny_processor.tokenizer.get_vocab()

@@ -16,11 +16,13 @@ own time limit (the process group is killed when it runs past it). A failure or 
 recorded and the suite goes on. ``--budget-s`` bounds the whole suite: an entry that would start
 after the budget is spent is skipped (and said so), and a running entry's limit is cut to what
 is left. The children get ``HF_HUB_OFFLINE=1`` unless it is set (none of them needs the hub).
-At the end ``<out>/summary.md`` holds, per entry, its exact command line, its status and a
-table of its headline numbers read from its JSON ("n/a" where a number is missing), and the
-machine the JSONs describe; it is printed too. The exit status is 1 if an entry failed or timed
+At the end ``<out>/summary.md`` holds, per entry, its exact command line, its status and what its
+JSON holds (every benchmark writes the one schema of ``harness.BenchmarkResult``): the table the
+benchmark printed, its comparisons (named ratios) and notes, and the load average at its start
+and end; above the entries, the machine the JSONs describe. It is printed too. The exit status is 1 if an entry failed or timed
 out, 130 if interrupted (Ctrl-C kills the running entry; the summary is still written), else 0.
-This script imports no torch: only the children touch the device.
+This script imports no torch (nor does ``harness``, until a function needs it): only the
+children touch the device.
 
 ``--tiny`` runs the same commands with every full-size model swapped for the tiny built-in one
 (``align-gen:tiny-random-sd``, ``align-gen:tiny-random-sd3``, ``align-gen:tiny-random-qwen2-vl``),
@@ -40,18 +42,17 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from harness import BenchmarkResult
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -321,169 +322,39 @@ def run_suite(outcomes: list[Outcome], args: argparse.Namespace) -> None:
 # --- summary ---------------------------------------------------------------------------------
 
 
-def dig(data: Any, *keys: str) -> Any:
-    """``data[k1][k2]...``, or None where a level is missing or not a dict."""
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def fmt(value: Any, spec: str = ".4g") -> str:
-    """A number formatted with ``spec``; a string (e.g. "OOM") as it is; anything else "n/a"."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int | float):
-        return format(value, spec)
-    if isinstance(value, str):
-        return value
-    return "n/a"
-
-
-def percent(value: Any, signed: bool = False) -> str:
-    """A fraction as a percentage ("n/a" if it is not a number)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return "n/a"
-    return format(100 * value, "+.1f" if signed else ".1f") + "%"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def sampling_table(data: dict) -> list[str]:
-    ratio = data.get("ratio_plain_over_ours")
-    overhead = ratio - 1 if isinstance(ratio, int | float) else None
-    row = [fmt(dig(data, "images_per_s", "ours")), fmt(dig(data, "images_per_s", "plain")), fmt(ratio, ".3f"),
-           percent(overhead, signed=True), fmt(data.get("median_pair_ratio"), ".3f"),
-           percent(dig(data, "flops", "ours", "mfu")), fmt(data.get("max_image_difference"), ".2e")]
-    header = ["ours images/s", "plain images/s", "ratio plain/ours", "overhead (target <= +10%)",
-              "per-pair ratio", "MFU ours", "max image diff"]
-    return markdown_table(header, [row])
-
-
-def ddpo_table(data: dict) -> list[str]:
-    header = ["side", "median s/update", "samples/s", "transitions/s", "peak GiB", "TFLOP/s", "MFU"]
-    rows = [[side, fmt(dig(data, side, "median_seconds")), fmt(dig(data, side, "samples_per_s")),
-             fmt(dig(data, side, "transitions_per_s")), fmt(dig(data, side, "peak_memory_gib"), ".2f"),
-             fmt(dig(data, side, "tflops")), percent(dig(data, side, "mfu"))]
-            for side in ("align-gen", "anchor") if side in data]
-    lines = markdown_table(header, rows or [["align-gen"] + ["n/a"] * 6])
-    if "anchor" in data:
-        lines += ["", f"Speed-up align-gen / anchor (samples/s): **{fmt(data.get('ratio_ours_over_anchor'), '.3f')}**; "
-                      f"median of the per-pair ratios {fmt(data.get('median_pair_ratio'), '.3f')}."]
-    return lines
-
-
-def objective_table(data: dict) -> list[str]:
-    header = ["objective", "sampling s (epoch)", "median update s", "update samples/s", "epoch samples/s", "peak GiB"]
-    results = data.get("results") if isinstance(data.get("results"), list) else []
-    rows = [[fmt(dig(r, "objective")), fmt(dig(r, "sampling_seconds")), fmt(dig(r, "median_update_seconds")),
-             fmt(dig(r, "update_samples_per_s")), fmt(dig(r, "epoch_samples_per_s")),
-             fmt(dig(r, "peak_memory_gib"), ".2f")] for r in results]
-    return markdown_table(header, rows or [["n/a"] * len(header)])
-
-
-def rebel_mib(row: Any, key: str) -> str:
-    """MiB of ``row[key]``; "OOM" where that side ran out of memory (its saved bytes are None)."""
-    value = dig(row, key)
-    if isinstance(value, int | float):
-        return fmt(value / 2**20, ".1f")
-    saved = key.split("_")[0] + "_saved_bytes"
-    return "OOM" if isinstance(row, dict) and saved in row and row[saved] is None else "n/a"
-
-
-def rebel_table(data: dict) -> list[str]:
-    header = ["steps", "ours saved MiB", "naive saved MiB", "naive/ours", "ours growth",
-              "ours CUDA MiB", "naive CUDA MiB"]
-    rows = [[fmt(dig(r, "steps")), rebel_mib(r, "ours_saved_bytes"), rebel_mib(r, "naive_saved_bytes"),
-             fmt(dig(r, "ratio_naive_over_ours"), ".3f"), fmt(dig(r, "ours_growth"), ".3f"),
-             rebel_mib(r, "ours_cuda_bytes"), rebel_mib(r, "naive_cuda_bytes")]
-            for r in (data.get("rows") if isinstance(data.get("rows"), list) else [])]
-    return markdown_table(header, rows or [["n/a"] * len(header)])
-
-
-def switches_table(data: dict) -> list[str]:
-    header = ["switch", "sampling s base / switch", "sampling speed-up (per-pair)", "update s base / switch",
-              "update speed-up (per-pair)", "peak GiB base / switch"]
-    results = data.get("results") if isinstance(data.get("results"), dict) else {}
-    rows = []
-    for name, result in results.items():
-        times = dig(result, "times")
-        rows.append([
-            name,
-            " / ".join(fmt(median_of(dig(times, side, "sample"))) for side in ("baseline", "variant")),
-            f"{fmt(dig(result, 'sample_speedup'), '.3f')} ({fmt(dig(result, 'sample_per_pair'), '.3f')})",
-            " / ".join(fmt(median_of(dig(times, side, "update"))) for side in ("baseline", "variant")),
-            f"{fmt(dig(result, 'update_speedup'), '.3f')} ({fmt(dig(result, 'update_per_pair'), '.3f')})",
-            " / ".join(fmt(dig(times, side, "peak_gib"), ".2f") for side in ("baseline", "variant")),
-        ])
-    unavailable = data.get("unavailable") if isinstance(data.get("unavailable"), dict) else {}
-    rows += [[name, f"n/a on this device: {reason}"] + [""] * (len(header) - 2) for name, reason in unavailable.items()]
-    return markdown_table(header, rows or [["n/a"] * len(header)])
-
-
-def median_of(values: Any) -> float | None:
-    """The median of a list of numbers (the switches JSON stores each side's timings)."""
-    if not isinstance(values, list) or not values or not all(isinstance(v, int | float) for v in values):
-        return None
-    return statistics.median(values)
-
-
-def vlm_table(data: dict) -> list[str]:
-    ratio = data.get("ratio_plain_over_ours")
-    overhead = ratio - 1 if isinstance(ratio, int | float) else None
-    header = ["ours tokens/s", "plain tokens/s", "ratio plain/ours", "overhead", "per-pair ratio",
-              "extra ms / batch", "same answers"]
-    row = [fmt(dig(data, "tokens_per_s", "ours")), fmt(dig(data, "tokens_per_s", "plain")), fmt(ratio, ".3f"),
-           percent(overhead, signed=True), fmt(data.get("median_pair_ratio"), ".3f"),
-           fmt(data.get("extra_ms_per_batch"), ".1f"), fmt(data.get("same_answers"))]
-    return markdown_table(header, [row])
-
-
-# The JSON's "benchmark" field -> its table of headline numbers.
-TABLES: dict[str, Callable[[dict], list[str]]] = {
-    "sampling_overhead": sampling_table,
-    "ddpo_update": ddpo_table,
-    "objective_update": objective_table,
-    "rebel_memory": rebel_table,
-    "switches": switches_table,
-    "vlm_sampling": vlm_table,
-}
-
-
-def read_json(path: Path) -> dict | None:
+def read_result(path: Path) -> tuple[BenchmarkResult | None, str]:
+    """(the entry's result, "") or (None, why it could not be read: "" if no JSON was written)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        text = path.read_text()
+    except OSError:
+        return None, ""
+    try:
+        return BenchmarkResult.from_json(text), ""
+    except Exception as error:  # a malformed JSON must not lose the other entries' summaries
+        return None, f"{type(error).__name__}: {error}"
 
 
-def entry_section(index: int, outcome: Outcome, data: dict | None) -> list[str]:
-    """One entry: heading, command, status, and the table of its numbers."""
+def entry_section(index: int, outcome: Outcome, result: BenchmarkResult | None, error: str = "") -> list[str]:
+    """One entry: heading, command, status, and its result (table, comparisons, notes, load)."""
     entry = outcome.entry
     status = outcome.status + (f" in {outcome.seconds:.0f} s" if outcome.status != "skipped" else "")
     files = "" if outcome.status == "skipped" else (
-        f" Log: `{outcome.log_path}`; JSON: `{outcome.json_path}`{'' if data else ' (not written)'}."
+        f" Log: `{outcome.log_path}`; JSON: `{outcome.json_path}`{'' if result or error else ' (not written)'}."
     )
     lines = [f"## {index}. `{entry.name}`: {entry.title}", "", f"```\n{shlex.join(outcome.command)}\n```", "",
              f"Status: **{status}**{': ' + outcome.detail if outcome.detail else ''}.{files}", ""]
-    if data is None:
+    if error:
+        return lines + [f"(could not read the result: {error})", ""]
+    if result is None:
         return lines
-    table = TABLES.get(str(data.get("benchmark")))
-    if table is None:
-        return lines + [f"(no summary table for benchmark {data.get('benchmark')!r}: see the JSON)", ""]
-    try:
-        return lines + table(data) + [""]
-    except Exception as error:  # a malformed JSON must not lose the other entries' summaries
-        return lines + [f"(could not read the numbers: {type(error).__name__}: {error})", ""]
+    machine = result.machine
+    load = (f"Load average (1 min): {machine.get('load_avg_1min', 'n/a')} at the start, "
+            f"{machine.get('load_avg_1min_end', 'n/a')} at the end.")
+    return lines + result.markdown() + ["", load, ""]
 
 
-def machine_line(datas: list[dict | None]) -> str:
-    machine = next((d["machine"] for d in datas if d and isinstance(d.get("machine"), dict)), None)
+def machine_line(results: list[BenchmarkResult | None]) -> str:
+    machine = next((r.machine for r in results if r is not None and r.machine), None)
     if machine is None:
         return "Machine: n/a (no benchmark wrote its JSON)."
     keys = [k for k in machine if not k.startswith("load_avg")]
@@ -494,18 +365,19 @@ def summary_markdown(
     outcomes: list[Outcome], args: argparse.Namespace, argv: list[str], started: str, seconds: float
 ) -> str:
     """The whole summary.md: the suite's command and machine, what was not measured, each entry."""
-    datas = [read_json(o.json_path) if o.status != "skipped" else None for o in outcomes]
+    read = [read_result(o.json_path) if o.status != "skipped" else (None, "") for o in outcomes]
+    results = [result for result, _ in read]
     mode = " (--tiny: tiny models; these numbers check the wiring and measure nothing)" if args.tiny else ""
     lines = [f"# GPU benchmark suite{mode}", "",
              f"Started {started}, {seconds:.0f} s in all; device {args.device}; "
              f"command `{shlex.join([sys.executable, display_path(Path(__file__)), *argv])}`.", "",
-             machine_line(datas), ""]
+             machine_line(results), ""]
     problems = [o for o in outcomes if o.status != "ok"]
     lines += [f"Entries not measured: {len(problems)} of {len(outcomes)}."]
     lines += [f"- `{o.entry.name}`: {o.status}{': ' + o.detail if o.detail else ''}" for o in problems]
     lines.append("")
-    for index, (outcome, data) in enumerate(zip(outcomes, datas, strict=True), 1):
-        lines += entry_section(index, outcome, data)
+    for index, (outcome, (result, error)) in enumerate(zip(outcomes, read, strict=True), 1):
+        lines += entry_section(index, outcome, result, error)
     return "\n".join(lines)
 
 

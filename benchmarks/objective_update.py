@@ -10,7 +10,9 @@ once to warm up and ``--repeats`` times timed. Reported per objective: sampling 
 epoch, median update seconds, samples/s of the update (rollouts per second of update), samples/s
 of the whole epoch (sampling + update) and, on CUDA, the peak memory allocated during the
 updates. All objectives use the same model, LoRA, sampler and minibatch; REBEL's pairs and AWM's
-groups come from ``sample.samples_per_prompt = 2``.
+groups come from ``sample.samples_per_prompt = 2``. Beside each wall-clock time, the process's CPU
+time over the same call. ``--json OUT`` writes the result (``harness.BenchmarkResult``: one row per
+objective).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objective_update.py --model random:sd15-mid
     python benchmarks/objective_update.py --model random:sd15 --device cuda --dtype bfloat16 --mixed-precision bf16 --batch-size 8 --steps 50
@@ -23,17 +25,18 @@ from pathlib import Path
 
 import torch
 from harness import (
+    BenchmarkResult,
+    Table,
     add_common_flags,
     build_like_train,
     describe_machine,
-    load_average,
-    median,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
     resolve_model,
+    settings_of,
     timed,
-    write_json,
+    timing_numbers,
 )
 
 from align_gen.config import RunConfig, from_dict
@@ -78,31 +81,32 @@ def run_config(args: argparse.Namespace, objective: str, dtype: str) -> RunConfi
 
 
 def measure(args: argparse.Namespace, name: str, dtype: str) -> dict:
-    """Sampling seconds, update seconds and peak memory of one objective's epoch."""
+    """One objective's row: sampling seconds, update seconds and peak memory of its epoch."""
     config = run_config(args, name, dtype)
     accelerator, policy, objective, optimizer = build_like_train(config, args.device)
     device = accelerator.device
     generator = epoch_generator(config.seed, 0, accelerator.process_index)
     prompts = load_prompts(config.prompts.source)
-    sampling_s, rollouts = timed(lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device)
+    sampling, rollouts = timed(lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device)
     rollouts.rewards = torch.randn(len(rollouts), generator=generator).to(device)
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and AdamW's state)
-        seconds, _ = timed(lambda: update(policy, objective, optimizer, rollouts, config, generator, accelerator), device)
+        timing, _ = timed(lambda: update(policy, objective, optimizer, rollouts, config, generator, accelerator), device)
         if repeat:
-            times.append(seconds)
-    update_s = median(times)
+            times.append(timing)
+    numbers = timing_numbers(times, "update_")
+    update_s = numbers["update_median_wall_s"]
     return {
-        "objective": name,
+        "name": name,
         "rollouts": len(rollouts),
-        "sampling_seconds": sampling_s,
-        "update_seconds": times,
-        "median_update_seconds": update_s,
+        "sampling_wall_s": sampling.wall_s,
+        "sampling_cpu_s": sampling.cpu_s,
+        **numbers,
         "update_samples_per_s": len(rollouts) / update_s,
-        "epoch_samples_per_s": len(rollouts) / (sampling_s + update_s),
+        "epoch_samples_per_s": len(rollouts) / (sampling.wall_s + update_s),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -116,14 +120,21 @@ def main() -> None:
     results = [measure(args, name, dtype) for name in args.objectives]
     print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} x {args.num_batches} steps={args.steps} "
           f"guidance={args.guidance_scale} repeats={args.repeats} (+1 warm-up)")
-    header = ["objective", "sampling s", "update s", "update samples/s", "epoch samples/s", "peak GiB"]
-    rows = [[r["objective"], r["sampling_seconds"], r["median_update_seconds"], r["update_samples_per_s"],
-             r["epoch_samples_per_s"], "n/a (cpu)" if r["peak_memory_gib"] is None else r["peak_memory_gib"]]
-            for r in results]
-    print_table(header, rows)
-    write_json(args.json, {"benchmark": "objective_update", "machine": {**machine, "load_avg_1min_end": load_average()},
-                           "settings": {**vars(args), "json": str(args.json), "model": shown_model, "dtype": dtype},
-                           "results": results})
+    header = ["objective", "sampling s", "update s", "update CPU s", "update samples/s", "epoch samples/s", "peak GiB"]
+    table = Table.of(header, [
+        [r["name"], r["sampling_wall_s"], r["update_median_wall_s"], r["update_median_cpu_s"], r["update_samples_per_s"],
+         r["epoch_samples_per_s"], "n/a (cpu)" if r["peak_memory_gib"] is None else r["peak_memory_gib"]]
+        for r in results
+    ])
+    result = BenchmarkResult(
+        benchmark="objective_update",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(args, model=shown_model, model_folder=args.model, dtype=dtype),
+        machine=machine,
+        rows=results,
+        table=table,
+    )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

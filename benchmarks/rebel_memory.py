@@ -27,7 +27,9 @@ the update is reported as well.
 Reported per step count: both peaks, ratio = naive / ours, ours relative to the smallest step
 count (the growth; ~1.0 is the claim), seconds per gradient (median of ``--repeats``; ours does
 one extra forward per step), and the gradient difference. A naive run that runs out of CUDA
-memory is reported as OOM.
+memory is reported as OOM. ``--json OUT`` writes the result (``harness.BenchmarkResult``: one row
+per step count, named "<steps> steps"; the seconds are wall-clock, with the process's CPU time
+beside them).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rebel_memory.py [--steps 2 5 10 20] [--json out.json]
 """
@@ -44,15 +46,18 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
     add_common_flags,
     describe_machine,
-    load_average,
     median,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
+    resolve_model,
+    settings_of,
     timed,
-    write_json,
 )
 
 from align_gen.config import RunConfig, load_config
@@ -173,7 +178,8 @@ def rollout_tensors(batch: Rollout) -> list[torch.Tensor]:
 class Measurement:
     saved_bytes: int | None  # peak live bytes saved for backward; None = out of memory
     cuda_bytes: int | None  # peak CUDA bytes allocated above the start of the call
-    seconds: float | None
+    wall_s: float | None  # median wall-clock seconds of one gradient
+    cpu_s: float | None  # median process CPU seconds of one gradient
     leftover_bytes: int  # saved bytes still live after the call (0: the graph was freed)
     grads: dict[str, torch.Tensor]
 
@@ -202,7 +208,7 @@ def run_config(args: argparse.Namespace, steps: int, dtype: str) -> RunConfig:
 
 
 def naive_rebel_loss(policy, batch: Rollout, eta: float) -> torch.Tensor:
-    """The one-pass REBEL loss (DESIGN.md's formula): every step's log-prob with grad at once."""
+    """The one-pass REBEL loss (REBEL's regression, written directly): every step's log-prob with grad at once."""
     steps = torch.arange(batch.num_steps, device=batch.log_probs.device)
     log_probs = policy.step_log_prob(batch, steps)  # (B, T), all T graphs alive
     log_ratio = ((log_probs - batch.log_probs) * batch.step_mask.float()).sum(dim=1)  # (B,)
@@ -222,6 +228,7 @@ def measure(
     are the largest over the calls, the gradient is the first call's."""
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     saved, cuda, times, leftover, grads = 0, 0, [], 0, {}
+    timing = None
     for repeat in range(repeats):
         for _, param in named:
             param.grad = None
@@ -233,7 +240,7 @@ def measure(
         out_of_memory = False
         try:
             with SavedTensorMeter(ignore) as meter:
-                seconds, _ = timed(gradient, device)
+                timing, _ = timed(gradient, device)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True  # cleaned up below, once the traceback no longer holds the graph
         if out_of_memory:
@@ -241,13 +248,13 @@ def measure(
                 param.grad = None
             gc.collect()
             torch.cuda.empty_cache()
-            return Measurement(None, None, None, 0, {})
+            return Measurement(None, None, None, None, 0, {})
         gc.collect()
         saved = max(saved, meter.peak_bytes)
         leftover = max(leftover, meter.live_bytes)
         if device.type == "cuda":
             cuda = max(cuda, torch.cuda.max_memory_allocated(device) - start)
-        times.append(seconds)
+        times.append(timing)
         if repeat == 0:
             grads = {
                 n: p.grad.detach().float().cpu().clone() for n, p in named if p.grad is not None
@@ -255,7 +262,12 @@ def measure(
     for _, param in named:
         param.grad = None
     return Measurement(
-        saved, cuda if device.type == "cuda" else None, median(times), leftover, grads
+        saved,
+        cuda if device.type == "cuda" else None,
+        median([t.wall_s for t in times]),
+        median([t.cpu_s for t in times]),
+        leftover,
+        grads,
     )
 
 
@@ -308,13 +320,16 @@ def measure_steps(
     )
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     return {
+        "name": f"{steps} steps",
         "steps": steps,
         "naive_saved_bytes": naive_m.saved_bytes,
         "ours_saved_bytes": ours_m.saved_bytes,
         "naive_cuda_bytes": naive_m.cuda_bytes,
         "ours_cuda_bytes": ours_m.cuda_bytes,
-        "naive_seconds": naive_m.seconds,
-        "ours_seconds": ours_m.seconds,
+        "naive_median_wall_s": naive_m.wall_s,
+        "ours_median_wall_s": ours_m.wall_s,
+        "naive_median_cpu_s": naive_m.cpu_s,
+        "ours_median_cpu_s": ours_m.cpu_s,
         "leftover_saved_bytes": max(naive_m.leftover_bytes, ours_m.leftover_bytes),
         "grad_max_abs_diff": diff,
         "grad_max_abs": scale,
@@ -336,6 +351,7 @@ def mib(value: int | None) -> float | str:
 
 def main() -> None:
     args = parse_args()
+    model_name = resolve_model(args)
     dtype = resolve_dtype(args)
     # As align_gen.train.train builds it.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
@@ -357,7 +373,7 @@ def main() -> None:
 
     mode = "lora" if args.lora else "full"
     print(
-        f"\nmodel={args.model} dtype={dtype} mode={mode} "
+        f"\nmodel={model_name} dtype={dtype} mode={mode} "
         f"trainable={rows[0]['trainable_parameters']:,} batch={args.batch_size} "
         f"({args.batch_size // 2} pairs) guidance={args.guidance_scale} eta={args.eta} "
         f"rebel_eta={args.rebel_eta} mixed_precision={args.mixed_precision} repeats={args.repeats}"
@@ -385,8 +401,8 @@ def main() -> None:
             row["ratio_naive_over_ours"],
             row["ours_growth"],
             row["naive_growth"],
-            "OOM" if row["naive_seconds"] is None else row["naive_seconds"],
-            row["ours_seconds"],
+            "OOM" if row["naive_median_wall_s"] is None else row["naive_median_wall_s"],
+            row["ours_median_wall_s"],
             "n/a" if row["grad_max_abs_diff"] is None else f"{row['grad_max_abs_diff']:.2e}",
             "n/a" if row["grad_max_abs"] is None else f"{row['grad_max_abs']:.2e}",
         ]
@@ -397,29 +413,49 @@ def main() -> None:
                 ratio(row["naive_cuda_bytes"], row["ours_cuda_bytes"]),
             ]
         table.append(line)
-    print_table(header, table)
-
     first, last = rows[0], rows[-1]
-    print(
-        f"\nfrom {first['steps']} to {last['steps']} steps (x{last['steps'] / first['steps']:.3g}): "
+    notes = [
+        f"from {first['steps']} to {last['steps']} steps (x{last['steps'] / first['steps']:.3g}): "
         f"ours grew {growth(last['ours_growth'])} (flat = x1.000), "
         f"naive grew {growth(last['naive_growth'])}"
-    )
+    ]
     leftover = max(row["leftover_saved_bytes"] for row in rows)
-    print(f"saved bytes still live after the backward calls: {leftover} (0 = all released)")
+    notes.append(f"saved bytes still live after the backward calls: {leftover} (0 = all released)")
     diffs = [row["grad_max_abs_diff"] for row in rows if row["grad_max_abs_diff"] is not None]
     if diffs:
-        print(f"same gradient: largest |naive - ours| over all step counts = {max(diffs):.2e}")
+        notes.append(f"same gradient: largest |naive - ours| over all step counts = {max(diffs):.2e}")
 
-    write_json(
-        args.json,
-        {
-            "benchmark": "rebel_memory",
-            "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {**vars(args), "json": str(args.json), "dtype": dtype, "mode": mode},
-            "rows": rows,
-        },
+    def number(value: float | str) -> float | None:  # "OOM" is not a ratio
+        return None if isinstance(value, str) else value
+
+    comparisons = [
+        Comparison(
+            f"naive / ours saved bytes at {last['steps']} steps",
+            number(last["ratio_naive_over_ours"]),
+        ),
+        Comparison(
+            f"ours saved bytes at {last['steps']} / {first['steps']} steps",
+            number(last["ours_growth"]),
+            note="flat = 1.000",
+        ),
+        Comparison(
+            f"naive saved bytes at {last['steps']} / {first['steps']} steps",
+            number(last["naive_growth"]),
+        ),
+    ]
+    result = BenchmarkResult(
+        benchmark="rebel_memory",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(
+            args, model=model_name, model_folder=args.model, dtype=dtype, mode=mode
+        ),
+        machine=machine,
+        rows=rows,
+        table=Table.of(header, table),
+        comparisons=comparisons,
+        notes=notes,
     )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ the baseline's (``--baseline``, DDPO) measured in the same run. A ratio below 1 
 target faster than the baseline. One seed per method: first crossings of a noisy curve are noisy
 too, so read the ratios with the curves (the plot) and repeat with other ``--seed`` values.
 
-Writes the curves and the table to ``--json`` and the plot (reward vs cumulative seconds, one
+Writes the result to ``--json`` (``harness.BenchmarkResult``: one row per method with its
+summary, the per-epoch curves under ``extra["curves"]``, the target under ``extra["target"]``)
+and the plot (reward vs cumulative seconds, one
 line per method) to ``--plot``. ``--reuse`` analyses the runs already in ``--output-dir``
 without training.
 
@@ -35,12 +37,15 @@ from typing import Any
 
 import torch
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
     describe_machine,
     load_average,
     print_machine,
-    print_table,
+    publish,
     save_line_plot,
-    write_json,
+    settings_of,
 )
 
 from align_gen.config import load_config
@@ -175,13 +180,14 @@ def summarise(
         hit = reached[method]
         total = curve[-1]["seconds"] + curve[-1]["time_update_s"]
         summary[method] = {
+            "name": method,
             "epochs": len(curve),
-            "seconds_per_epoch": total / len(curve),
+            "wall_s_per_epoch": total / len(curve),
             "first_reward": curve[0]["reward"],
             "best_reward": max(point["reward"] for point in curve),
             "last_reward": curve[-1]["reward"],
             "epoch_to_target": None if hit is None else hit["epoch"],
-            "seconds_to_target": None if hit is None else hit["seconds"],
+            "wall_s_to_target": None if hit is None else hit["seconds"],
             "ratio_to_baseline": (
                 None if hit is None or base is None else hit["seconds"] / base["seconds"]
             ),
@@ -224,40 +230,41 @@ def main() -> None:
         [
             method,
             s["epochs"],
-            s["seconds_per_epoch"],
+            s["wall_s_per_epoch"],
             s["first_reward"],
             s["best_reward"],
             s["last_reward"],
             "not reached" if s["epoch_to_target"] is None else s["epoch_to_target"],
-            "not reached" if s["seconds_to_target"] is None else s["seconds_to_target"],
+            "not reached" if s["wall_s_to_target"] is None else s["wall_s_to_target"],
             "n/a" if s["ratio_to_baseline"] is None else s["ratio_to_baseline"],
         ]
         for method, s in summary.items()
     ]
-    print_table(header, rows)
+    notes = []
     if any(s["epoch_to_target"] == 0 for s in summary.values()):
-        print(
+        notes.append(
             "note: a method reaches the target with its very first samples (a method that never "
             "beat its first reward sets the default target); pass --target for a meaningful one."
         )
 
     title = f"{', '.join(args.methods)}: tiny SD, jpeg compressibility, seed {args.seed}, {machine['cpu']}"
     plot(curves, target, args.plot, title)
-    write_json(
-        args.json,
-        {
-            "benchmark": "reward_vs_time",
-            "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {
-                key: str(value) if isinstance(value, Path) else value
-                for key, value in vars(args).items()
-            },
-            "load_avg_1min_at_start": loads,
-            "target": target,
-            "summary": summary,
-            "curves": curves,
-        },
+    result = BenchmarkResult(
+        benchmark="reward_vs_time",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(args),
+        machine=machine,
+        rows=list(summary.values()),
+        table=Table.of(header, rows),
+        comparisons=[
+            Comparison(f"{method} / {args.baseline} seconds to target", s["ratio_to_baseline"])
+            for method, s in summary.items()
+            if method != args.baseline
+        ],
+        notes=notes,
+        extra={"target": target, "load_avg_1min_at_start": loads, "curves": curves},
     )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ difference in time is the cost of recording the trajectory and the log-probs.
 
 How: one process, one warm-up pair, then ``--repeats`` interleaved pairs A B A B ... (so that
 machine noise hits both alike), each call under ``torch.inference_mode`` and timed between
-``torch.cuda.synchronize()`` calls on CUDA. Reported: medians, images/s, and
-ratio = images/s plain / images/s ours (= median time ours / median time plain);
-overhead = ratio - 1, target <= 10%.
+``torch.cuda.synchronize()`` calls on CUDA. Reported: medians (wall-clock, and the process's CPU
+time beside it), images/s, and ratio = images/s plain / images/s ours (= median time ours /
+median time plain); overhead = ratio - 1, target <= 10%. ``--json OUT`` writes the result
+(``harness.BenchmarkResult``: rows "align-gen" and "plain diffusers").
 
 Model FLOPs per batch (prompt encoding + ``--steps`` guided denoiser passes + VAE decoding,
 each counted once by ``FlopCounterMode`` at the benchmark's shapes) are divided by each side's
@@ -35,19 +36,24 @@ import argparse
 import torch
 from diffusers import DDIMScheduler
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
+    Timing,
     add_common_flags,
     count_flops,
     describe_machine,
     flops_report,
     format_flops,
-    load_average,
     median,
+    percent,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
     resolve_model,
+    settings_of,
     timed,
-    write_json,
+    timing_numbers,
 )
 
 from align_gen.config import ModelConfig, SampleConfig
@@ -131,16 +137,17 @@ def main() -> None:
             output_type="pt",
         ).images
 
-    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    timings: dict[str, list[Timing]] = {"ours": [], "plain": []}
     images: dict[str, torch.Tensor] = {}
     for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
         for name, fn in (("ours", ours), ("plain", plain)):
-            seconds, images[name] = timed(fn, device)
+            timing, images[name] = timed(fn, device)
             if repeat:
-                times[name].append(seconds)
+                timings[name].append(timing)
     max_diff = float((images["ours"].float() - images["plain"].float()).abs().max())
     flops = sampling_flops(policy, prompts, args.steps)
 
+    times = {name: [t.wall_s for t in values] for name, values in timings.items()}
     med = {name: median(values) for name, values in times.items()}
     images_per_s = {name: args.batch_size / seconds for name, seconds in med.items()}
     ratio = med["ours"] / med["plain"]
@@ -150,49 +157,56 @@ def main() -> None:
         f"guidance={args.guidance_scale} eta={args.eta} resolution={policy.resolution} "
         f"repeats={args.repeats} (+1 warm-up), interleaved"
     )
-    print_table(
-        ["", "median s/batch", "min s/batch", "max s/batch", "images/s"],
+    achieved = {name: flops_report(flops, med[name], device) for name in med}
+    names = {"ours": "align-gen", "plain": "plain diffusers"}
+    rows = [
+        {
+            "name": names[side],
+            **timing_numbers(timings[side]),
+            "images_per_s": images_per_s[side],
+            **achieved[side],
+        }
+        for side in timings
+    ]
+    extra_ms_per_step = 1e3 * (med["ours"] - med["plain"]) / args.steps
+    table = Table.of(
+        ["", "median s/batch", "min s/batch", "max s/batch", "median CPU s", "images/s", "TFLOP/s", "MFU"],
         [
-            [name, med[name], min(times[name]), max(times[name]), images_per_s[name]]
-            for name in times
+            [row["name"], row["median_wall_s"], row["min_wall_s"], row["max_wall_s"], row["median_cpu_s"],
+             row["images_per_s"], row["tflops"], percent(row["mfu"])]
+            for row in rows
         ],
     )
-    print(
-        f"\nratio plain/ours (images/s) = {ratio:.3f}  -> overhead {100 * (ratio - 1):+.1f}% (target <= +10%)"
-    )
-    print(f"median of per-pair ratios     = {paired:.3f}")
-    print(
-        f"extra time per DDIM step      = {1e3 * (med['ours'] - med['plain']) / args.steps:+.2f} ms"
-    )
-    print(f"max |image ours - plain|      = {max_diff:.2e} (same seed: both draw the same noise)")
-    achieved = {name: flops_report(flops, med[name], device) for name in med}
-    for name in med:
-        print(format_flops(f"{name} sampling", flops, achieved[name], device))
-
-    write_json(
-        args.json,
-        {
-            "benchmark": "sampling_overhead",
-            "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {
-                **vars(args),
-                "model": model_name,
-                "model_folder": args.model,
-                "json": str(args.json),
-                "dtype": dtype,
-                "resolution": policy.resolution,
-            },
-            "seconds": times,
-            "median_seconds": med,
-            "images_per_s": images_per_s,
-            "ratio_plain_over_ours": ratio,
-            "median_pair_ratio": paired,
+    result = BenchmarkResult(
+        benchmark="sampling_overhead",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(
+            args, model=model_name, model_folder=args.model, dtype=dtype, resolution=policy.resolution
+        ),
+        machine=machine,
+        rows=rows,
+        table=table,
+        comparisons=[
+            Comparison(
+                "plain / align-gen images/s",
+                ratio,
+                paired,
+                f"overhead {100 * (ratio - 1):+.1f}%, target <= +10%",
+            )
+        ],
+        notes=[
+            f"extra time per DDIM step: {extra_ms_per_step:+.2f} ms",
+            f"max |image ours - plain|: {max_diff:.2e} (same seed: both draw the same noise)",
+            *(format_flops(f"{names[side]} sampling", flops, achieved[side], device) for side in med),
+        ],
+        extra={
             "overhead_percent": 100 * (ratio - 1),
+            "extra_ms_per_step": extra_ms_per_step,
             "max_image_difference": max_diff,
             "model_flops_per_batch": flops,
-            "flops": achieved,
         },
     )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ random advantages; both then alternate, ``--repeats`` times after one warm-up ea
 absorbs torch.compile's compilation): one sampling batch (``policy.sample``) and one DDPO update
 (``update``) over those rollouts. Reported per switch: the median seconds of each side, the
 speed-up baseline / variant of the medians and the median of the per-pair ratios (robust to a
-loaded machine), and on CUDA the peak memory of each side's update.
+loaded machine), and on CUDA the peak memory of each side's update. Beside each wall-clock time,
+the process's CPU time over the same call. ``--json OUT`` writes the result
+(``harness.BenchmarkResult``: one row per switch, its two sides under ``baseline_`` / ``variant_``
+keys; the switches the device cannot run under ``extra["unavailable"]``).
 
 Switches (``SWITCHES``): ``channels_last``, ``compile`` (torch.compile, inductor),
 ``steps_per_forward`` (``train.steps_per_forward=--k``), ``gradient_checkpointing``,
@@ -32,17 +35,22 @@ import statistics
 import torch
 from accelerate import Accelerator
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
+    Timing,
     add_common_flags,
     build_like_train,
+    cell,
     describe_machine,
-    load_average,
     median,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
     resolve_model,
+    settings_of,
     timed,
-    write_json,
+    timing_numbers,
 )
 
 from align_gen.config import RunConfig, apply_override, from_dict
@@ -115,8 +123,10 @@ def build_trainer(raw: dict, overrides: list[str], device: str) -> Trainer:
     return Trainer(config, policy, optimizer, accelerator)
 
 
-def time_side(side: Trainer, objective, rollouts, prompts: list, repeat: int, device: torch.device):
-    """(seconds of one sampling batch, seconds of one DDPO update, peak GiB on CUDA or None)."""
+def time_side(
+    side: Trainer, objective, rollouts, prompts: list, repeat: int, device: torch.device
+) -> tuple[Timing, Timing, float | None]:
+    """(timing of one sampling batch, timing of one DDPO update, peak GiB on CUDA or None)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sample_s, _ = timed(lambda: side.policy.sample(prompts, generator=torch.Generator().manual_seed(repeat)), device)
@@ -128,8 +138,10 @@ def time_side(side: Trainer, objective, rollouts, prompts: list, repeat: int, de
     return sample_s, update_s, peak
 
 
-def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str]) -> dict:
-    """Alternating sampling and update timings of the baseline and the variant."""
+def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str], name: str = "variant") -> dict:
+    """The switch's row: alternating sampling and update timings of the baseline and the variant
+    (``baseline_sample_median_wall_s``, ...), the speed-ups baseline / variant of the medians and
+    the medians of the per-pair ratios, each side's peak GiB on CUDA."""
     import copy
 
     sides = {"baseline": build_trainer(copy.deepcopy(raw), [], args.device),
@@ -142,20 +154,25 @@ def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str]) -> d
     rollouts = collect_rollouts(base.policy, objective, prompts, base.config, generator, base.accelerator)
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
     batch_prompts = prompts[: args.batch_size]
-    times = {name: {"sample": [], "update": [], "peak_gib": None} for name in sides}
+    times: dict[str, dict[str, list[Timing]]] = {side: {"sample": [], "update": []} for side in sides}
+    peaks: dict[str, float | None] = {side: None for side in sides}
     for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and compilation)
-        for name, side in sides.items():
-            sample_s, update_s, peak = time_side(side, objective, rollouts, batch_prompts, repeat, device)
+        for side_name, side in sides.items():
+            sample_t, update_t, peak = time_side(side, objective, rollouts, batch_prompts, repeat, device)
             if repeat:
-                times[name]["sample"].append(sample_s)
-                times[name]["update"].append(update_s)
-            times[name]["peak_gib"] = peak
-    result = {"overrides": overrides, "times": times}
+                times[side_name]["sample"].append(sample_t)
+                times[side_name]["update"].append(update_t)
+            peaks[side_name] = peak
+    row: dict = {"name": name, "overrides": overrides}
+    for side in sides:
+        for kind in ("sample", "update"):
+            row.update(timing_numbers(times[side][kind], f"{side}_{kind}_"))
+        row[f"{side}_peak_memory_gib"] = peaks[side]
     for kind in ("sample", "update"):
-        base_t, var_t = times["baseline"][kind], times["variant"][kind]
-        result[f"{kind}_speedup"] = median(base_t) / median(var_t)
-        result[f"{kind}_per_pair"] = statistics.median(b / v for b, v in zip(base_t, var_t, strict=True))
-    return result
+        base_t, var_t = row[f"baseline_{kind}_wall_s"], row[f"variant_{kind}_wall_s"]
+        row[f"{kind}_speedup"] = median(base_t) / median(var_t)
+        row[f"{kind}_per_pair"] = statistics.median(b / v for b, v in zip(base_t, var_t, strict=True))
+    return row
 
 
 def main() -> None:
@@ -166,29 +183,40 @@ def main() -> None:
     print_machine(machine)
     raw = base_config(args, dtype)
     overrides = switch_overrides(args.k)
-    results, unavailable = {}, {}
+    rows, unavailable = [], {}
     for name in args.switches:
         try:
-            results[name] = measure_pair(args, raw, overrides[name])
+            rows.append(measure_pair(args, raw, overrides[name], name))
         except ConfigError as error:  # the device cannot run this switch
             unavailable[name] = str(error)
     print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
           f"epoch={args.batch_size * args.num_batches} rollouts, repeats={args.repeats} (+1 warm-up)")
     header = ["switch", "sample s base", "sample s var", "sample x", "per-pair", "update s base", "update s var",
               "update x", "per-pair", "peak GiB base / var"]
-    rows = []
-    for name, result in results.items():
-        t = result["times"]
-        peak = "n/a (cpu)" if t["baseline"]["peak_gib"] is None else f"{t['baseline']['peak_gib']:.2f} / {t['variant']['peak_gib']:.2f}"
-        rows.append([name, median(t["baseline"]["sample"]), median(t["variant"]["sample"]), result["sample_speedup"],
-                     result["sample_per_pair"], median(t["baseline"]["update"]), median(t["variant"]["update"]),
-                     result["update_speedup"], result["update_per_pair"], peak])
-    print_table(header, rows)
-    for name, reason in unavailable.items():
-        print(f"{name}: n/a on this device ({reason})")
-    write_json(args.json, {"benchmark": "switches", "machine": {**machine, "load_avg_1min_end": load_average()},
-                           "settings": {**vars(args), "json": str(args.json), "model": shown_model, "dtype": dtype},
-                           "results": results, "unavailable": unavailable})
+    table_rows = []
+    for row in rows:
+        peak = ("n/a (cpu)" if row["baseline_peak_memory_gib"] is None
+                else f"{cell(row['baseline_peak_memory_gib'], '.2f')} / {cell(row['variant_peak_memory_gib'], '.2f')}")
+        table_rows.append([row["name"], row["baseline_sample_median_wall_s"], row["variant_sample_median_wall_s"],
+                           row["sample_speedup"], row["sample_per_pair"], row["baseline_update_median_wall_s"],
+                           row["variant_update_median_wall_s"], row["update_speedup"], row["update_per_pair"], peak])
+    table_rows += [[name, "n/a on this device"] + [""] * (len(header) - 2) for name in unavailable]
+    comparisons = [
+        Comparison(f"baseline / {row['name']} {kind} seconds", row[f"{kind}_speedup"], row[f"{kind}_per_pair"])
+        for row in rows for kind in ("sample", "update")
+    ]
+    result = BenchmarkResult(
+        benchmark="switches",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(args, model=shown_model, model_folder=args.model, dtype=dtype),
+        machine=machine,
+        rows=rows,
+        table=Table.of(header, table_rows),
+        comparisons=comparisons,
+        notes=[f"{name}: n/a on this device ({reason})" for name, reason in unavailable.items()],
+        extra={"unavailable": unavailable},
+    )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ machine noise hits both alike), each call under ``torch.inference_mode`` and tim
 ``torch.cuda.synchronize()`` calls on CUDA. Reported: median s/batch; tokens/s = median tokens
 per batch / median s per batch, for each; ratio = tokens/s plain / tokens/s ours, overhead =
 ratio - 1; the median over pairs of (tokens/s plain / tokens/s ours) within the pair; the extra
-milliseconds per batch.
+milliseconds per batch. Beside each wall-clock time, the process's CPU time over the same call.
+``--json OUT`` writes the result (``harness.BenchmarkResult``: rows "align-gen" and "plain
+generate").
 
 Models: ``--size tiny`` (default) is the built-in ``align-gen:tiny-random-llava`` (49k params);
 ``--size mid`` is a LLaVA built here from configs with random weights (no download): the tiny
@@ -63,23 +65,27 @@ from collections.abc import Sequence
 import torch
 import transformers
 from harness import (
+    BenchmarkResult,
+    Comparison,
+    Table,
+    Timing,
     add_common_flags,
     describe_machine,
-    load_average,
     median,
     print_machine,
-    print_table,
+    publish,
     resolve_dtype,
     resolve_model,
+    settings_of,
     timed,
-    write_json,
+    timing_numbers,
 )
 
+from align_gen.builtins.tiny_vlms import build_tiny_random_llava
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.image_datasets import load_prompt_images
 from align_gen.policies import VLMPolicy, build_policy
 from align_gen.policies.loading import dtype_from_name
-from align_gen.policies.tiny_vlms import build_tiny_random_llava
 from align_gen.prompts import load_prompts
 from align_gen.types import VisualPrompt
 
@@ -255,17 +261,18 @@ def main() -> None:
         generated = sequences[:, inputs["input_ids"].shape[1] :]
         return int(answer_lengths(generated, policy.eos_token_ids).sum()), generated
 
-    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    timings: dict[str, list[Timing]] = {"ours": [], "plain": []}
     tokens: dict[str, list[int]] = {"ours": [], "plain": []}
     answers: dict[str, torch.Tensor] = {}
     for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
         for name, fn in (("ours", ours), ("plain", plain)):
-            seconds, (count, answers[name]) = timed(fn, device)
+            timing, (count, answers[name]) = timed(fn, device)
             if repeat:
-                times[name].append(seconds)
+                timings[name].append(timing)
                 tokens[name].append(count)
     same_answers = same_tokens(answers["ours"], answers["plain"], policy.eos_token_ids)
 
+    times = {name: [t.wall_s for t in values] for name, values in timings.items()}
     med = {name: median(values) for name, values in times.items()}
     med_tokens = {name: median([float(n) for n in values]) for name, values in tokens.items()}
     tokens_per_s = {name: med_tokens[name] / med[name] for name in times}
@@ -285,55 +292,54 @@ def main() -> None:
         f"resolution={policy.resolution} prompt_tokens={prompt_tokens} "
         f"repeats={args.repeats} (+1 warm-up), interleaved"
     )
-    print_table(
-        ["", "median s/batch", "min s/batch", "max s/batch", "tokens/batch", "tokens/s"],
+    names = {"ours": "align-gen", "plain": "plain generate"}
+    rows = [
+        {
+            "name": names[side],
+            **timing_numbers(timings[side]),
+            "tokens": tokens[side],
+            "median_tokens": med_tokens[side],
+            "tokens_per_s": tokens_per_s[side],
+        }
+        for side in timings
+    ]
+    table = Table.of(
+        ["", "median s/batch", "min s/batch", "max s/batch", "median CPU s", "tokens/batch", "tokens/s"],
         [
-            [
-                name,
-                med[name],
-                min(times[name]),
-                max(times[name]),
-                med_tokens[name],
-                tokens_per_s[name],
-            ]
-            for name in times
+            [row["name"], row["median_wall_s"], row["min_wall_s"], row["max_wall_s"], row["median_cpu_s"],
+             row["median_tokens"], row["tokens_per_s"]]
+            for row in rows
         ],
     )
-    print(f"\nratio plain/ours (tokens/s) = {ratio:.3f}  -> overhead {100 * (ratio - 1):+.1f}%")
-    print(f"median of per-pair ratios   = {paired:.3f}")
-    print(
-        f"extra time per batch        = {extra_ms:+.1f} ms ({extra_ms / med_tokens['ours']:+.3f} ms per answer token)"
-    )
-    print(
-        f"same answers (token ids)    = {same_answers} (same seed: both should sample the same tokens)"
-    )
-
-    write_json(
-        args.json,
-        {
-            "benchmark": "vlm_sampling",
-            "machine": {**machine, "load_avg_1min_end": load_average()},
-            "settings": {
-                **vars(args),
-                "model": model_name,
-                "model_folder": args.model,
-                "json": str(args.json),
-                "dtype": dtype,
-                "resolution": policy.resolution,
-                "parameters": parameters,
-            },
-            "seconds": times,
-            "tokens": tokens,
-            "median_seconds": med,
-            "median_tokens": med_tokens,
-            "tokens_per_s": tokens_per_s,
-            "ratio_plain_over_ours": ratio,
-            "median_pair_ratio": paired,
+    result = BenchmarkResult(
+        benchmark="vlm_sampling",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(
+            args,
+            model=model_name,
+            model_folder=args.model,
+            dtype=dtype,
+            resolution=policy.resolution,
+            parameters=parameters,
+        ),
+        machine=machine,
+        rows=rows,
+        table=table,
+        comparisons=[
+            Comparison("plain / align-gen tokens/s", ratio, paired, f"overhead {100 * (ratio - 1):+.1f}%")
+        ],
+        notes=[
+            f"extra time per batch: {extra_ms:+.1f} ms ({extra_ms / med_tokens['ours']:+.3f} ms per answer token)",
+            f"same answers (token ids): {same_answers} (same seed: both should sample the same tokens)",
+        ],
+        extra={
             "overhead_percent": 100 * (ratio - 1),
             "extra_ms_per_batch": extra_ms,
             "same_answers": same_answers,
+            "prompt_tokens": prompt_tokens,
         },
     )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

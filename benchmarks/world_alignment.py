@@ -14,6 +14,8 @@ Reported per method: held-out reward before and after, the paired change with it
 error, samples used, and wall time (the trainer's sampling + reward + update clocks; model
 loading, grids, evaluations and checkpoints excluded). The plot shows held-out reward vs samples
 used. Methods run one after the other in this process; ``--reuse`` re-reads finished runs.
+``--json`` writes the result (``harness.BenchmarkResult``: one row per method, the held-out curves
+under ``extra["curves"]``).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py --samples 128 --methods awm --json /tmp/w.json --plot /tmp/w.png
@@ -27,12 +29,14 @@ from pathlib import Path
 
 import torch
 from harness import (
+    BenchmarkResult,
+    Table,
     describe_machine,
     load_average,
     print_machine,
-    print_table,
+    publish,
     save_line_plot,
-    write_json,
+    settings_of,
 )
 
 from align_gen.config import load_config
@@ -65,7 +69,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_method(args: argparse.Namespace, method: str) -> dict:
-    """Trains ``method`` on the sample budget (unless --reuse); returns its row of the table."""
+    """Trains ``method`` on the sample budget (unless --reuse); returns its row of the table,
+    with its held-out curve ((samples drawn, reward) per evaluation) under "curve"."""
     output_dir = args.output_dir / method
     config_path = args.config_dir / CONFIG_NAME.format(method=method)
     overrides = [
@@ -90,20 +95,20 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
     evaluations = read_metrics(output_dir / "evaluation.jsonl")
     change, error = paired_change(evaluations[0]["scores"], evaluations[-1]["scores"])
     return {
-        "method": method,
+        "name": method,
         "before": evaluations[0]["reward_mean"],
         "after": evaluations[-1]["reward_mean"],
         "change": change,
         "change_se": error,
         "samples": sum(row["samples"] for row in metrics),
-        "seconds": sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics),
+        "train_wall_s": sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics),
         "curve": [(row["epochs_done"] * per_epoch, row["reward_mean"]) for row in evaluations],
         "config": str(config_path),
     }
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    series = {row["method"]: tuple(map(list, zip(*row["curve"], strict=True))) for row in rows}
+    series = {row["name"]: tuple(map(list, zip(*row["curve"], strict=True))) for row in rows}
     save_line_plot(
         series, path, xlabel="samples drawn", ylabel="held-out world CLIP score (mean)", title=title
     )
@@ -119,13 +124,23 @@ def main() -> None:
         f"\nheld-out: {args.eval_num_prompts} captions of {args.eval_prompts} x seeds {args.eval_seeds}; "
         f"budget {args.samples} samples per method; seconds = sampling + reward + update"
     )
-    print_table(
+    table = Table.of(
         ["method", "before", "after", "change", "+- se", "samples", "seconds"],
-        [[r["method"], r["before"], r["after"], r["change"], r["change_se"], r["samples"], r["seconds"]] for r in rows],
+        [[r["name"], r["before"], r["after"], r["change"], r["change_se"], r["samples"], r["train_wall_s"]] for r in rows],
     )
     title = f"world model, world CLIP score, {args.samples} samples each, seed {args.seed}, {machine['cpu']}"
     plot(rows, args.plot, title)
-    write_json(args.json, {"benchmark": "world_alignment", "machine": machine, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": rows})
+    curves = {row["name"]: [list(point) for point in row.pop("curve")] for row in rows}
+    result = BenchmarkResult(
+        benchmark="world_alignment",
+        description=__doc__.splitlines()[0],
+        settings=settings_of(args),
+        machine=machine,
+        rows=rows,
+        table=table,
+        extra={"curves": curves},
+    )
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

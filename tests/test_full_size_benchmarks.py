@@ -102,8 +102,8 @@ def test_anchor_gradient_equals_align_gen_ddpo_gradient(single_thread: None) -> 
     # The anchor loop with CFG batched as ours (2B rows per pass): the same kernels, bit for bit
     # up to the order of float sums.
     torch.testing.assert_close(gradient(anchor("batched")), expected, rtol=1e-5, atol=1e-7 * scale)
-    # CFG as two passes of B rows: convolutions on B rows round differently from 2B rows (the
-    # DESIGN.md pitfall); measured max |diff| ~4e-5 of max |g|.
+    # CFG as two passes of B rows: convolutions on B rows round differently from 2B rows (a known
+    # pitfall of batch-size-dependent kernels); measured max |diff| ~4e-5 of max |g|.
     torch.testing.assert_close(gradient(anchor("two-pass")), expected, rtol=1e-3, atol=2e-4 * scale)
 
 
@@ -113,3 +113,19 @@ def test_flop_counter_and_mfu_table() -> None:
     assert harness.count_flops(lambda: a @ b) == 1024
     report = harness.flops_report(1e12, 2.0, torch.device("cpu"))
     assert report == {"tflops": 0.5, "mfu": None}
+
+
+def test_timed_measures_wall_and_process_cpu_time() -> None:
+    """harness.timed: the wall-clock and the process CPU seconds of one call, and its result."""
+    import time
+
+    def spin() -> int:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        return 7
+
+    timing, value = harness.timed(spin, torch.device("cpu"))
+    assert value == 7 and timing.wall_s >= 0.05 and 0 < timing.cpu_s
+    numbers = harness.timing_numbers([timing, harness.Timing(1.0, 0.5)], "update_")
+    assert numbers["update_max_wall_s"] == 1.0 and numbers["update_cpu_s"] == [timing.cpu_s, 0.5]

@@ -1,11 +1,14 @@
 """benchmarks/gpu_suite.py: the full-size GPU benchmarks as one command. Run here in --tiny mode
 on the CPU (tiny built-in models, seconds per entry), as a user checks the wiring before renting
-a GPU; the full-size commands are checked as text (--dry-run and the README)."""
+a GPU; the full-size commands are checked as text (--dry-run and the README). Every benchmark
+writes the one result schema of benchmarks/harness.py (BenchmarkResult), which the suite renders
+without knowing the script."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
+import harness  # noqa: E402
+from harness import BenchmarkResult  # noqa: E402
 
 
 def entry(name: str) -> gpu_suite.Entry:
@@ -24,9 +29,9 @@ def entry(name: str) -> gpu_suite.Entry:
 def test_tiny_suite_writes_every_json_and_a_summary_with_their_numbers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two real entries on the CPU: their JSONs, logs and summary.md, which shows the headline
-    numbers of each JSON (the DDPO speed-up over the anchor loop, the sampling ratio) and the
-    machine, and is printed at the end."""
+    """Two real entries on the CPU: their results (the shared schema), logs and summary.md, which
+    shows each result's table and comparisons (the DDPO speed-up over the anchor loop, the
+    sampling ratio) and the machine, and is printed at the end."""
     status = gpu_suite.main(["--tiny", "--out", str(tmp_path), "--only", "ddpo_sd15_lora", "sampling_sd15"])
     assert status == 0
     summary = (tmp_path / "summary.md").read_text()
@@ -34,13 +39,20 @@ def test_tiny_suite_writes_every_json_and_a_summary_with_their_numbers(
     for name in ("sampling_sd15", "ddpo_sd15_lora"):
         assert (tmp_path / f"{name}.log").read_text().startswith("$ ")
         assert f"`{name}`" in summary and "Status: **ok in" in summary
-    ddpo = json.loads((tmp_path / "ddpo_sd15_lora.json").read_text())
-    sampling = json.loads((tmp_path / "sampling_sd15.json").read_text())
-    assert ddpo["settings"]["model"] == "align-gen:tiny-random-sd" and ddpo["settings"]["device"] == "cpu"
-    assert f"**{gpu_suite.fmt(ddpo['ratio_ours_over_anchor'], '.3f')}**" in summary
-    assert f"| align-gen | {gpu_suite.fmt(ddpo['align-gen']['median_seconds'])} |" in summary
-    assert f"| {gpu_suite.fmt(sampling['images_per_s']['ours'])} | " in summary
-    assert f" {gpu_suite.fmt(sampling['ratio_plain_over_ours'], '.3f')} |" in summary
+    ddpo = BenchmarkResult.read(tmp_path / "ddpo_sd15_lora.json")
+    sampling = BenchmarkResult.read(tmp_path / "sampling_sd15.json")
+    assert ddpo.benchmark == "ddpo_update" and sampling.benchmark == "sampling_overhead"
+    assert ddpo.settings["model"] == "align-gen:tiny-random-sd" and ddpo.settings["device"] == "cpu"
+    assert ddpo.command[:2] == ["python", "benchmarks/ddpo_update.py"] and "--compare-anchor" in ddpo.command
+    ours, anchor = ddpo.row("align-gen"), ddpo.row("anchor (two-pass CFG)")
+    assert len(ours["wall_s"]) == 1 and ours["median_cpu_s"] > 0 and anchor["samples_per_s"] > 0
+    speedup = ddpo.comparison("align-gen / anchor (two-pass CFG) samples/s")
+    assert speedup.value == pytest.approx(ours["samples_per_s"] / anchor["samples_per_s"])
+    assert f"samples/s: **{harness.cell(speedup.value, '.3f')}**" in summary
+    assert f"| align-gen | {harness.cell(ours['median_wall_s'])} |" in summary
+    assert sampling.row("plain diffusers")["images_per_s"] > 0
+    assert "\n".join(sampling.markdown()) in summary and "\n".join(ddpo.markdown()) in summary
+    assert "load_avg_1min_end" in ddpo.machine and "at the end." in summary
     assert "cpu_cores=" in summary and "Entries not measured: 0 of 2." in summary
     # In priority order: sampling comes first in the table, whatever --only's order.
     assert summary.index("`sampling_sd15`") < summary.index("`ddpo_sd15_lora`")
@@ -60,8 +72,9 @@ def test_a_failing_entry_is_recorded_and_the_others_still_run(tmp_path: Path) ->
     assert "Entries not measured: 2 of 3." in summary
     assert re.search(r"- `broken`: failed: exit status 2; last log line: .*random:sd16", summary)
     assert "- `slow`: timed out: killed after its limit of 2 s" in summary
-    vlm = json.loads((out / "vlm_qwen2vl.json").read_text())
-    assert f"| {gpu_suite.fmt(vlm['tokens_per_s']['ours'])} | " in summary
+    vlm = BenchmarkResult.read(out / "vlm_qwen2vl.json")
+    assert "\n".join(vlm.table.markdown()) in summary
+    assert f"| align-gen | {harness.cell(vlm.row('align-gen')['median_wall_s'])} |" in summary
     assert not (out / "broken.json").exists()
 
 
@@ -98,3 +111,102 @@ def test_the_readme_lists_the_suite_commands() -> None:
         )
         command[1] = f"benchmarks/{suite_entry.script}"
         assert " ".join(command) in text, suite_entry.name
+
+
+def run_in_process(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python benchmarks/<module>.py <argv>``, in this process (no interpreter start-up)."""
+    script = __import__(module)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{module}.py", *argv])
+    script.main()
+
+
+def fake_training_runs(out: Path) -> None:
+    """What reward_vs_time.py and world_alignment.py --reuse read: a finished run's metrics.jsonl
+    (and evaluation.jsonl) per method, without training."""
+    for method, rewards in (("ddpo", [0.1, 0.3, 0.2]), ("rebel", [0.1, 0.2, 0.25])):
+        (out / method).mkdir(parents=True)
+        rows = [{"epoch": e, "epochs_done": e, "reward_mean": r, "samples": 8, "time_sampling_s": 1.0,
+                 "time_update_s": 2.0} for e, r in enumerate(rewards)]
+        (out / method / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        scores = [{"epochs_done": e, "reward_mean": r, "scores": [r, r + 0.1, r - 0.05]} for e, r in enumerate(rewards)]
+        (out / method / "evaluation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scores))
+
+
+# The benchmarks the tiny suite tests above do not run (sampling_overhead, ddpo_update and
+# vlm_sampling are), at tiny size: (script, arguments, a row it must have).
+TINY_RUNS = [
+    ("objective_update", ["--objectives", "ddpo", "--batch-size", "2", "--num-batches", "1", "--steps", "2",
+                          "--repeats", "1"], "ddpo"),
+    ("switches", ["--switches", "steps_per_forward", "sdpa_efficient", "--k", "2", "--batch-size", "2",
+                  "--num-batches", "1", "--steps", "2", "--repeats", "1"], "steps_per_forward"),
+    ("rebel_memory", ["--batch-size", "2", "--steps", "1", "2"], "2 steps"),
+    ("reward_vs_time", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
+    ("world_alignment", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
+]
+
+
+@pytest.mark.parametrize(("module", "argv", "row"), TINY_RUNS, ids=[run[0] for run in TINY_RUNS])
+def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
+    module: str, argv: list[str], row: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], single_thread: None,
+) -> None:
+    """Each script's tiny run (the training benchmarks re-read fake finished runs) writes a
+    BenchmarkResult that round-trips through its JSON, prints its table, and renders in the
+    suite's summary with no code of its own there."""
+    out = tmp_path / "result.json"
+    argv = [*argv, "--json", str(out)]
+    if module in ("reward_vs_time", "world_alignment"):
+        fake_training_runs(tmp_path / "runs")
+        argv += ["--output-dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "plot.png")]
+    else:
+        argv += ["--device", "cpu"]
+    run_in_process(module, argv, monkeypatch)
+    text = out.read_text()
+    result = BenchmarkResult.from_json(text)
+    assert result.to_json() + "\n" == text and result.schema_version == harness.SCHEMA_VERSION
+    assert result.benchmark == module and result.description
+    assert result.command == ["python", f"benchmarks/{module}.py", *argv]
+    assert {"cpu", "load_avg_1min", "load_avg_1min_end"} <= set(result.machine)
+    assert result.settings["json"] == str(out) and result.date
+    assert result.row(row)["name"] == row and len(result.table.rows) >= len(result.rows)
+    assert "\n".join(result.table.text()) in capsys.readouterr().out
+    outcome = gpu_suite.Outcome(gpu_suite.Entry(module, f"{module}.py", (), "a tiny run", 60), ["python"], out,
+                                tmp_path / "log", status="ok")
+    section = "\n".join(gpu_suite.entry_section(1, outcome, *gpu_suite.read_result(out)))
+    assert "\n".join(result.table.markdown()) in section
+    assert all(comparison.describe(bold=True) in section for comparison in result.comparisons)
+    if module == "switches":  # a switch the CPU cannot run is reported, not measured
+        assert "sdpa_efficient" in result.extra["unavailable"] and "| sdpa_efficient | n/a on this device |" in section
+    if module == "reward_vs_time":
+        assert result.extra["target"] == 0.25 and len(result.extra["curves"]["rebel"]) == 3
+        assert result.comparison("rebel / ddpo seconds to target").value == pytest.approx(7 / 4)
+
+
+def test_the_schema_refuses_what_it_cannot_render_and_reads_older_results(tmp_path: Path) -> None:
+    """Rows are flat; an unknown schema version or field is refused; the suite reports a bad JSON
+    and goes on; the result files written before the schema (benchmarks/results/) still read."""
+    table = harness.Table.of(["", "s"], [["a", 1.5]])
+    good = BenchmarkResult("demo", "a demo", {}, {}, [{"name": "a", "median_wall_s": 1.5}], table)
+    assert BenchmarkResult.from_json(good.to_json()) == good and table.rows == [["a", "1.5"]]
+    with pytest.raises(ValueError, match="lists of them"):
+        BenchmarkResult("demo", "a demo", {}, {}, [{"name": "a", "nested": {"x": 1}}], table).to_json()
+    with pytest.raises(ValueError, match="needs 2 formatted cells"):
+        harness.Table.of(["", "s"], [["a"]])
+    for change in ({"schema_version": 99}, {"surprise": 1}):
+        with pytest.raises(ValueError):
+            BenchmarkResult.from_dict({**good.to_dict(), **change})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 99}')
+    assert gpu_suite.read_result(bad)[1].startswith("ValueError: result schema version 99")
+    legacy = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert legacy
+    for path in legacy:
+        old = BenchmarkResult.read(path)
+        assert old.schema_version == 0 and old.benchmark in path.name and old.machine["cpu"]
+        assert old.extra and old.settings
+
+
+def test_reading_results_imports_no_torch() -> None:
+    """The suite process only reads results; the children touch the device."""
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import gpu_suite; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -93,7 +93,8 @@ def test_a_compiled_run_trains_and_matches_the_uncompiled_one(tmp_path: Path, ti
 
 
 def test_the_switches_benchmark_times_both_sides() -> None:
-    """benchmarks/switches.py on the tiny model: one timed pair per side, ratios reported."""
+    """benchmarks/switches.py on the tiny model: one timed pair per side (wall and CPU time),
+    ratios reported, in one flat row of the result schema."""
     import argparse
     import sys
 
@@ -102,10 +103,13 @@ def test_the_switches_benchmark_times_both_sides() -> None:
 
     args = argparse.Namespace(model="align-gen:tiny-random-sd", device="cpu", steps=2, eta=1.0, guidance_scale=2.0,
                               batch_size=2, num_batches=1, repeats=1, seed=0, mixed_precision="no")
-    result = switches.measure_pair(args, switches.base_config(args, "float32"), ["train.steps_per_forward=2"])
+    row = switches.measure_pair(args, switches.base_config(args, "float32"), ["train.steps_per_forward=2"], "k2")
+    assert row["name"] == "k2" and row["overrides"] == ["train.steps_per_forward=2"]
     for side in ("baseline", "variant"):
-        assert len(result["times"][side]["update"]) == 1 and result["times"][side]["update"][0] > 0
-    assert result["update_speedup"] > 0 and result["sample_per_pair"] > 0
+        assert len(row[f"{side}_update_wall_s"]) == 1 and row[f"{side}_update_median_wall_s"] > 0
+        assert row[f"{side}_update_median_cpu_s"] > 0 and row[f"{side}_peak_memory_gib"] is None
+    assert row["update_speedup"] > 0 and row["sample_per_pair"] > 0
+    assert all(not isinstance(value, dict) for value in row.values())  # flat
 
 
 def test_the_objective_benchmark_measures_every_objective() -> None:
@@ -121,8 +125,9 @@ def test_the_objective_benchmark_measures_every_objective() -> None:
                               batch_size=2, num_batches=1, repeats=1, seed=0, mixed_precision="no",
                               seppo_winners=str(objective_update.SEPPO_WINNERS))
     for name in objective_update.OBJECTIVES:
-        result = objective_update.measure(args, name, "float32")
-        assert result["rollouts"] == 2 and result["median_update_seconds"] > 0 and result["sampling_seconds"] > 0
+        row = objective_update.measure(args, name, "float32")
+        assert row["name"] == name and row["rollouts"] == 2
+        assert row["update_median_wall_s"] > 0 and row["update_median_cpu_s"] > 0 and row["sampling_wall_s"] > 0
 
 
 @pytest.mark.parametrize("family", ["tiny-random-sd", "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"])
