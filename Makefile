@@ -13,13 +13,16 @@ export TOKENIZERS_PARALLELISM := false
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "Installing into $(VENV): torch, then align-gen and its dependencies from PyPI (about 3 minutes the first time) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+	@echo "Installed into $(VENV)."
 
 demo: install
+	@echo "Aligning the tiny world model with AWM (offline, on the CPU, a few minutes) ..."
 	$(VENV)/bin/align-gen train configs/tiny/awm_world_preference.yaml
 
 # The packages' layering (import-linter contracts in pyproject.toml), the docs (strict: a broken

@@ -365,6 +365,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_sampling_args(args)
     model, run_dir = _evaluation_model(args)
     _check_output(args.out, "--out", is_folder=not args.out.endswith(".json"))
+    _reward_request(args)  # names and options, before any model is resolved
     sources = {"A": resolve_model(model, args.lora)}
     if args.compare is not None:
         sources["B"] = resolve_model(args.compare, args.compare_lora)
@@ -464,11 +465,12 @@ def _evaluation_model(args: argparse.Namespace) -> tuple[str, Path | None]:
     return model, run_dir
 
 
-def _evaluation_rewards(args: argparse.Namespace) -> dict:
-    """{name: reward} of --reward and --reward-weights (the weighted sum is named 'weighted')."""
+def _reward_request(args: argparse.Namespace) -> tuple[list[str], dict[str, float], dict]:
+    """(--reward names, --reward-weights, --reward-option options), checked by name and option
+    without building anything (no weights load), so a bad one is reported before any model."""
     from align_gen.builtins import resolve_folders_in
     from align_gen.config import apply_override
-    from reward_models import build_reward, get_reward
+    from reward_models import check_reward_config
 
     if not args.reward and not args.reward_weights:
         raise AlignGenError("give at least one --reward NAME (repeatable) or --reward-weights NAME=W ...")
@@ -484,12 +486,23 @@ def _evaluation_rewards(args: argparse.Namespace) -> dict:
             sep = ""
         if not sep or not name:
             raise AlignGenError(f"--reward-weights takes NAME=WEIGHT items, e.g. clip_score=1.0; got {item!r}.")
-    options = resolve_folders_in(options)  # align-gen:world-clip and the other shipped folders
     unknown = set(options) - set(args.reward) - set(weights)
     if unknown:
         raise AlignGenError(f"--reward-option names rewards not given with --reward: {', '.join(sorted(unknown))}")
-    _say(f"loading rewards: {', '.join([*args.reward, *weights])} ...")
-    rewards = {name: get_reward(name, **options.get(name, {})) for name in args.reward}
+    for name in args.reward:
+        check_reward_config({name: 1.0}, {name: options.get(name, {})})
+    if weights:
+        check_reward_config(weights, {name: options[name] for name in weights if name in options})
+    return list(args.reward), weights, resolve_folders_in(options)  # align-gen:world-clip and the other shipped folders
+
+
+def _evaluation_rewards(args: argparse.Namespace) -> dict:
+    """{name: reward} of --reward and --reward-weights (the weighted sum is named 'weighted')."""
+    from reward_models import build_reward, get_reward
+
+    names, weights, options = _reward_request(args)
+    _say(f"loading rewards: {', '.join([*names, *weights])} ...")
+    rewards = {name: get_reward(name, **options.get(name, {})) for name in names}
     if weights:
         rewards["weighted"] = build_reward(weights, {name: options[name] for name in weights if name in options})
     return rewards

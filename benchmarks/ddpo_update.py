@@ -13,7 +13,7 @@ number of optimizer steps, the update as the research anchor (ddpo-pytorch's tra
 it: :func:`anchor_update`, a loop over timesteps with one forward/backward per timestep, the
 classifier-free guidance as TWO UNet passes of B rows (unconditional, then conditional) where
 align-gen runs ONE pass of 2B, and the log-prob through the same float32 kernel
-(``align_gen.kernels.ddim_step_with_logprob``) on the full latent. Both compute the same loss and
+(``pipelines.kernels.ddim_step_with_logprob``) on the full latent. Both compute the same loss and
 gradient (``tests/test_full_size_benchmarks.py`` checks it to float tolerance), so the ratio
 compares two implementations of one computation. (ddpo-pytorch's own train step batches the two
 CFG branches as we do; the two-pass form is that of pipelines that call the denoiser once per
@@ -71,12 +71,12 @@ from harness import (
 )
 
 from align_gen.config import RunConfig, from_dict
-from align_gen.kernels import ddim_step_with_logprob
 from align_gen.objectives.base import Objective
 from align_gen.policies.diffusion import DiffusionPolicy
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
 from align_gen.types import Rollout
+from pipelines.kernels import ddim_step_with_logprob
 
 Tensor = torch.Tensor
 

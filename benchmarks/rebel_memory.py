@@ -293,7 +293,7 @@ def measure_steps(
     objective = build_objective(config.objective)
     objective.check(config)
     policy = build_policy(config.model, config.sample, device)
-    policy.forward_model = accelerator.prepare(policy.model)
+    policy.use_forward_module(accelerator.prepare(policy.model))
     generator = torch.Generator().manual_seed(args.seed)
     pairs = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size // 2) for _ in range(2)]
     batch = policy.sample(pairs, generator=generator)

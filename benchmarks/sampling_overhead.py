@@ -2,7 +2,7 @@
 
 What is measured: wall-clock seconds per batch of
   (A) ours:  ``policy.sample(prompts, generator=g)``, which also records the trajectory and the
-             float32 log-prob of every DDIM step (align_gen.kernels.ddim_step_with_logprob);
+             float32 log-prob of every DDIM step (pipelines.kernels.ddim_step_with_logprob);
   (B) plain: ``pipeline(prompts, ..., output_type="pt")`` on the SAME pipeline object (same
              weights, same modules) with a ``DDIMScheduler`` built from the policy's scheduler
              config, and the same steps, eta, guidance scale, batch, resolution, negative prompt
@@ -79,8 +79,9 @@ def sampling_flops(policy: DiffusionPolicy, prompts: list[str], steps: int) -> i
     counted once; the passes of a call all have the same shape)."""
     with torch.inference_mode():
         encode = count_flops(lambda: policy.encode_prompts(prompts))
-        conditioning, latents = policy._start_sampling(
-            prompts, None, torch.Generator().manual_seed(0)
+        conditioning = policy.encode_prompts(prompts)
+        latents = policy.sampler.initial_latents(
+            len(prompts), policy.resolution, torch.Generator().manual_seed(0)
         )
         t = policy.scheduler.timesteps[:1].expand(len(prompts)).to(policy.device)
         denoise = count_flops(lambda: policy._denoise(latents, t, conditioning))

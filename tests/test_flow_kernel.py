@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from align_gen.kernels import flow_sde_step_with_logprob, flow_sigmas
+from pipelines.kernels import flow_sde_step_with_logprob, flow_sigmas
 
 SHAPE = (3, 4, 8, 8)  # (B, C, h, w): a tiny latent batch
 NUM_STEPS = 10

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from align_gen.kernels import ddim_step_with_logprob, gaussian_log_prob
+from pipelines.kernels import ddim_step_with_logprob, gaussian_log_prob
 
 SHAPE = (3, 4, 8, 8)  # (B, C, h, w): a tiny latent batch
 NUM_STEPS = 10

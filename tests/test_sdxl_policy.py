@@ -13,6 +13,9 @@ from align_gen.policies.diffusion import SDXLPolicy
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle"]
 
+# What SDXL conditions on (each with a "negative_" twin under guidance).
+CONDITIONING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+
 
 def make_policy(*, lora: bool, guidance: float, steps: int = 3) -> SDXLPolicy:
     return SDXLPolicy(
@@ -54,12 +57,12 @@ def test_conditioning_holds_pooled_embeds_and_time_ids() -> None:
     assert conditioning["pooled_prompt_embeds"].shape == (4, 32)  # text_encoder_2's projection
     expected_ids = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0]).expand(4, -1)  # size, crop, size
     assert torch.equal(conditioning["add_time_ids"], expected_ids)
-    for key in policy.conditioning_keys:
+    for key in CONDITIONING_KEYS:
         assert conditioning["negative_" + key].shape == conditioning[key].shape
     # the same prompt gives the same embeddings; different prompts different pooled embeds
     assert torch.equal(conditioning["pooled_prompt_embeds"][0], conditioning["pooled_prompt_embeds"][3])
     assert not torch.allclose(conditioning["pooled_prompt_embeds"][0], conditioning["pooled_prompt_embeds"][1])
-    assert set(make_policy(lora=True, guidance=1.0).encode_prompts(PROMPTS)) == set(policy.conditioning_keys)
+    assert set(make_policy(lora=True, guidance=1.0).encode_prompts(PROMPTS)) == set(CONDITIONING_KEYS)
 
 
 def test_guidance_mixes_the_two_branches_with_the_added_conditioning() -> None:
@@ -69,7 +72,7 @@ def test_guidance_mixes_the_two_branches_with_the_added_conditioning() -> None:
     t = torch.tensor([500, 500])
     with torch.no_grad():
         guided = policy._denoise(latents, t, conditioning)
-        negative = {k: conditioning["negative_" + k] for k in policy.conditioning_keys}
+        negative = {k: conditioning["negative_" + k] for k in CONDITIONING_KEYS}
         uncond = policy.unet(latents, t, negative["prompt_embeds"], added_cond_kwargs=added_conditioning(negative))
         cond = policy.unet(latents, t, conditioning["prompt_embeds"], added_cond_kwargs=added_conditioning(conditioning))
     expected = uncond.sample + 3.0 * (cond.sample - uncond.sample)

@@ -1,11 +1,14 @@
 """What every denoising policy shares, whatever its denoiser (UNet or flow transformer).
 
-:class:`DenoiserPolicy` holds (with the trainable-weights machinery of
-:class:`~align_gen.policies.weights.TrainableWeights`, shared with the VLM policy)
-classifier-free guidance (:func:`classifier_free_guidance`, the only place CFG is written, run
-as ONE batched forward of 2B), re-scoring of stored transitions, the matching losses and saving.
-A subclass supplies the model-specific pieces: prompt encoding, one denoiser forward pass, the
-transition kernel of one step, and the matching loss's noising and target.
+A denoising policy samples through its family's log-prob pipeline (:mod:`pipelines`: the
+sampling loop, classifier-free guidance as ONE batched forward of 2B, the transition kernel
+that both draws and scores a step) and re-scores stored steps through the same pipeline's
+``denoise`` and ``transition``, so sampling and training can never drift apart.
+:class:`DenoiserPolicy` adds what training needs (with the trainable-weights machinery of
+:class:`~align_gen.policies.weights.TrainableWeights`, shared with the VLM policy): the
+configuration of the model (LoRA, attention kernel, offloading), re-scoring in pieces of
+``steps_per_forward`` steps, the matching losses and saving. A subclass supplies the matching
+loss's noising and target and the training timesteps.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
+from torch.nn.attention import SDPBackend
 
 from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.policies.weights import TrainableWeights, write_model_card
 from align_gen.policy import split_steps
 from align_gen.types import MatchingTerms, Rollout
+from pipelines.log_prob import AttentionBackendError, LogProbMixin
 
 Tensor = torch.Tensor
 
@@ -45,30 +48,25 @@ def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(dim=1)
 
 
-def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
-    """uncond + scale * (cond - uncond) (Ho & Salimans 2022); every policy uses this one."""
-    return uncond + scale * (cond - uncond)
-
-
 class DenoiserPolicy(TrainableWeights):
     """The shared half of a diffusion-family :class:`~align_gen.policy.Policy`.
 
-    Subclasses set ``model`` (the denoiser module; ``forward_model`` is what forward passes go
-    through: the model itself or the wrapper the trainer's accelerator puts around it),
-    ``pipeline``, ``model_config``, ``sample_config`` and ``device``, call
-    :meth:`_configure_model`, and implement the abstract methods below.
+    A subclass names its :attr:`sampler_class` (the family's log-prob pipeline), calls
+    :meth:`_attach` with the loaded pipeline, sets ``model`` (the denoiser; forward passes go
+    through ``forward_model``: the model itself or the wrapper the trainer's accelerator puts
+    around it), ``vae`` and ``resolution``, calls :meth:`_configure_model`, and implements the
+    matching loss's pieces below.
     """
 
-    # The conditioning tensors one forward pass takes; CFG also needs "negative_" + each of them.
-    conditioning_keys: tuple[str, ...] = ("prompt_embeds",)
+    sampler_class: type[LogProbMixin]
     takes_images = False  # text-to-image: prompts are strings
     steps_per_forward: int | None = 1  # re-scored steps per denoiser forward (train.steps_per_forward)
-    _sdpa_kernel: SDPBackend | None = None  # the one SDPA kernel model.attention allows (None: PyTorch picks)
 
     # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
     lora_layers_argument = "unet_lora_layers"
 
-    pipeline: object
+    pipeline: object  # the pipeline as loaded: what a full fine-tune saves
+    sampler: LogProbMixin  # the family's log-prob pipeline, sharing the pipeline's components
     vae: torch.nn.Module
     resolution: int
     model: torch.nn.Module
@@ -79,32 +77,6 @@ class DenoiserPolicy(TrainableWeights):
 
     # ----------------------------------------------------------------------------------------
     # what a subclass supplies
-
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def _denoiser_forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
-        """(B, C, h, w) float32 output of one denoiser pass, ``conditioning`` keyed as
-        :attr:`conditioning_keys`, without guidance."""
-        raise NotImplementedError
-
-    def _transition(
-        self,
-        model_output: Tensor,
-        latents: Tensor,
-        step_index: Tensor,
-        timesteps: Tensor,
-        prev_latents: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """One step of the sampler's kernel at (B,) step indices / timesteps: draws the next
-        latents (``prev_latents`` None) or re-scores the stored ones, and returns them with
-        their (B,) float32 log-prob. Sampling and re-scoring both go through here."""
-        raise NotImplementedError
-
-    def _step_mask(self, batch: int, num_steps: int) -> Tensor:
-        """(B, T) bool: which recorded steps are trainable (all, unless a subclass says not)."""
-        return torch.ones(batch, num_steps, dtype=torch.bool, device=self.device)
 
     def _matching_prediction(
         self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
@@ -126,23 +98,29 @@ class DenoiserPolicy(TrainableWeights):
     # ----------------------------------------------------------------------------------------
     # set-up
 
-    def _attach(
-        self, pipeline, model_config: ModelConfig, sample_config: SampleConfig, device: torch.device | str, scheduler
-    ) -> None:
-        """Stores the configs and ``pipeline``, and puts ``scheduler`` (the sampler's own copy, so
-        the pipeline's is never touched) on its ``sample.num_steps`` grid."""
+    def _attach(self, pipeline, model_config: ModelConfig, sample_config: SampleConfig, device: torch.device | str) -> None:
+        """Stores the configs and ``pipeline``, and builds the sampler: the family's log-prob
+        pipeline on the same components, with its own scheduler (the pipeline's is never
+        touched), sampling on ``device``."""
         self.model_config = model_config
         self.sample_config = sample_config
         self.device = torch.device(device)
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
-        self.scheduler = scheduler
-        self._set_timesteps()
+        self.sampler = self.sampler_class.from_pipeline(pipeline)
+        self.sampler.device_override = self.device
+        self.sampler.offload_frozen = model_config.offload_frozen
+        self.scheduler = self.sampler.scheduler
+        self.vae = pipeline.vae.requires_grad_(False).eval()
 
     def _set_timesteps(self) -> None:
-        """Puts ``self.scheduler`` on the ``sample.num_steps`` sampling grid; a subclass may pass
-        more (FLUX's resolution-dependent shift)."""
-        self.scheduler.set_timesteps(self.sample_config.num_steps, device=self.device)
+        """Puts the sampler's scheduler on the ``sample.num_steps`` grid at :attr:`resolution`."""
+        self.sampler.set_sampling_timesteps(self.sample_config.num_steps, self.resolution)
+
+    @property
+    def stochasticity(self) -> float:
+        """The sampler's noise setting: ``sample.eta`` (DDIM) or ``sample.noise_level`` (flow SDE)."""
+        return getattr(self.sample_config, self.sampler.stochasticity_name)
 
     def _configure_model(self, trainable: bool) -> None:
         """Freezes the model, or makes LoRA adapters / the whole model trainable in float32."""
@@ -152,7 +130,7 @@ class DenoiserPolicy(TrainableWeights):
                 f"model.attention={config.attention} needs a CUDA device; on {self.device.type} use sdpa, "
                 "sdpa_flash or sdpa_math."
             )
-        self._sdpa_kernel = SDPA_KERNELS.get(config.attention)
+        self.sampler.attention_backend = SDPA_KERNELS.get(config.attention)
         if config.attention == "xformers":
             try:
                 self.model.enable_xformers_memory_efficient_attention()
@@ -166,10 +144,21 @@ class DenoiserPolicy(TrainableWeights):
         if not trainable:
             self.model.requires_grad_(False).eval()
             self._reference_weights = None
-            return
-        if config.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self._make_trainable(config.lora, config.lora.target_modules or DENOISER_LORA_TARGETS)
+        else:
+            if config.gradient_checkpointing:
+                self.model.enable_gradient_checkpointing()
+            self._make_trainable(config.lora, config.lora.target_modules or DENOISER_LORA_TARGETS)
+        self.sampler.reset_denoiser_dtype()  # the frozen weights' dtype, now that some train
+
+    def use_forward_module(self, module: torch.nn.Module) -> None:
+        """Forward passes (sampling, re-scoring, matching) go through ``module``."""
+        self.forward_model = module
+        self.sampler.forward_denoiser = module
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the denoiser's inputs are cast to (its frozen weights')."""
+        return self.sampler.denoiser_dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -187,97 +176,52 @@ class DenoiserPolicy(TrainableWeights):
                 f"multiple of {self.latent_multiple} (its VAE's downsampling factor x its denoiser's patch size)."
             )
 
-    # ----------------------------------------------------------------------------------------
-    # the ends of sampling
-
-    def _start_sampling(
-        self, prompts: Sequence[str], images: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """(conditioning, (B, C, h, w) initial noise) for a text-to-image rollout of ``prompts``."""
-        if images is not None:
-            raise ValueError("A text-to-image policy takes no input images.")
-        if not prompts:
-            raise ValueError("sample() needs at least one prompt.")
-        side = self.resolution // self.vae_scale_factor
-        # The VAE's channels, not the denoiser's input width (FLUX's takes 2x2-packed latents).
-        shape = (len(prompts), self.vae.config.latent_channels, side, side)
-        noise_device = generator.device if generator is not None else self.device
-        latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
-        with self._frozen_on_device(self.text_encoders):
-            conditioning = self.encode_prompts(prompts)
-        return conditioning, latents
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """(B, 3, H, W) float32 images in [0, 1] from (B, C, h, w) latents."""
-        config = self.vae.config
-        # SD3's VAE latents are shifted as well as scaled; SD1.x/2.x's have no shift_factor.
-        shift = getattr(config, "shift_factor", None) or 0.0
-        scaled = latents.to(self.vae.dtype) / config.scaling_factor + shift
-        with self._frozen_on_device([self.vae]):
-            images = self.vae.decode(scaled).sample.float()
-        return (images / 2 + 0.5).clamp(0, 1)
-
-    def _place_frozen(self, pipeline) -> None:
-        """Freezes every text encoder ``pipeline`` has (``text_encoder``, ``_2``, ``_3``), keeps
+    def _place_frozen(self) -> None:
+        """Freezes every text encoder the pipeline has (``text_encoder``, ``_2``, ``_3``), keeps
         them as :attr:`text_encoders`, and puts them and the VAE on the device, or with
-        ``model.offload_frozen`` on the CPU, from where :meth:`_frozen_on_device` brings them in
-        only while they run."""
-        self.text_encoders = [
-            encoder.requires_grad_(False).eval()
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-            if (encoder := getattr(pipeline, name, None)) is not None
-        ]
+        ``model.offload_frozen`` on the CPU, from where the sampler brings them in only while
+        they run."""
+        self.text_encoders = [encoder.requires_grad_(False).eval() for encoder in self.sampler.frozen_modules]
         home = torch.device("cpu") if self.model_config.offload_frozen else self.device
         for module in (self.vae, *self.text_encoders):
             module.to(home)
 
     @contextlib.contextmanager
-    def _frozen_on_device(self, modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-        """Within: ``modules`` on the device (a no-op unless ``model.offload_frozen``)."""
-        if not self.model_config.offload_frozen:
-            yield
-            return
-        for module in modules:
-            module.to(self.device)
+    def _attention_errors(self) -> Iterator[None]:
+        """Within: the sampler's attention-kernel error becomes a ConfigError naming the setting."""
         try:
             yield
-        finally:
-            for module in modules:
-                module.to("cpu")
-
-    # ----------------------------------------------------------------------------------------
-    # guidance and re-scoring
-
-    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
-        """One denoiser forward pass (no CFG) with the attention kernel ``model.attention`` names."""
-        if self._sdpa_kernel is None:
-            return self._denoiser_forward(latents, timesteps, conditioning)
-        try:
-            with sdpa_kernel(self._sdpa_kernel):
-                return self._denoiser_forward(latents, timesteps, conditioning)
-        except RuntimeError as error:
-            if "No available kernel" not in str(error) and "No viable backend" not in str(error):
-                raise
+        except AttentionBackendError as error:
             raise ConfigError(
-                f"model.attention={self.model_config.attention}: PyTorch's {self._sdpa_kernel.name} kernel cannot run "
-                f"these inputs ({latents.dtype} on {latents.device.type}; flash needs float16 / bfloat16 on a GPU). "
-                "Set model.attention=sdpa to let PyTorch choose."
+                f"model.attention={self.model_config.attention}: {error} Set model.attention=sdpa to let PyTorch choose."
             ) from error
 
-    def _denoise(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
-        """The denoiser's output for (B, C, h, w) latents at (B,) timesteps, with CFG applied.
+    # ----------------------------------------------------------------------------------------
+    # sampling (the family's pipeline) and re-scoring (its denoise and transition)
 
-        CFG runs as ONE batched forward of 2B (unconditional first), the same in sampling and
-        re-scoring, so both see the same batch composition.
-        """
-        keys = self.conditioning_keys
-        if "negative_" + keys[0] not in conditioning:
-            return self._forward(latents, timesteps, {k: conditioning[k] for k in keys})
-        doubled = {k: torch.cat([conditioning["negative_" + k], conditioning[k]]) for k in keys}
-        output = self._forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), doubled)
-        uncond_out, cond_out = output.chunk(2)
-        return classifier_free_guidance(uncond_out, cond_out, self.sample_config.guidance_scale)
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The conditioning of ``prompts`` at the sampling settings (what a rollout stores)."""
+        with self.sampler.frozen_on_device(self.text_encoders):
+            return self.sampler.encode_conditioning(
+                prompts,
+                guidance_scale=self.sample_config.guidance_scale,
+                negative_prompt=self.sample_config.negative_prompt,
+                resolution=self.resolution,
+            )
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, 3, H, W) float32 images in [0, 1] from (B, C, h, w) latents."""
+        return self.sampler.decode_latents_to_images(latents)
+
+    def _denoise(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        """The denoiser's output with guidance at ``sample.guidance_scale`` (the sampler's)."""
+        with self._attention_errors():
+            return self.sampler.denoise(latents, timesteps, conditioning, self.sample_config.guidance_scale)
+
+    def _forward(self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]) -> Tensor:
+        """One denoiser forward pass without guidance (the matching losses')."""
+        with self._attention_errors():
+            return self.sampler.forward(latents, timesteps, conditioning)
 
     @torch.no_grad()
     def sample(
@@ -288,27 +232,32 @@ class DenoiserPolicy(TrainableWeights):
         images: Tensor | None = None,
         progress: bool = False,
     ) -> Rollout:
-        """Runs the stochastic sampler over ``scheduler.timesteps`` without grad, recording the
-        trajectory and every step's log-prob (see :class:`~align_gen.policy.Policy`)."""
-        conditioning, latents = self._start_sampling(prompts, images, generator)
-        batch = len(prompts)
-        trajectory, log_probs = [latents], []
-        timesteps = self.scheduler.timesteps
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
-            t_batch = t.expand(batch).to(self.device)
-            step_index = torch.full((batch,), i, device=self.device)
-            model_output = self._denoise(latents, t_batch, conditioning)
-            latents, log_prob = self._transition(model_output, latents, step_index, t_batch, generator=generator)
-            trajectory.append(latents)
-            log_probs.append(log_prob)
+        """Runs the family's log-prob pipeline at the ``sample`` settings without grad, recording
+        the trajectory and every step's log-prob (see :class:`~align_gen.policy.Policy`)."""
+        if images is not None:
+            raise ValueError("A text-to-image policy takes no input images.")
+        if not prompts:
+            raise ValueError("sample() needs at least one prompt.")
+        config = self.sample_config
+        with self._attention_errors():
+            output = self.sampler.sample_with_log_probs(
+                list(prompts),
+                num_inference_steps=config.num_steps,
+                guidance_scale=config.guidance_scale,
+                stochasticity=self.stochasticity,
+                negative_prompt=config.negative_prompt,
+                resolution=self.resolution,
+                generator=generator,
+                progress=progress,
+            )
         return Rollout(
             prompts=list(prompts),
-            trajectory=torch.stack(trajectory, dim=1),
-            timesteps=timesteps.to(self.device).expand(batch, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1).float(),
-            step_mask=self._step_mask(batch, len(timesteps)),
-            conditioning=conditioning,
-            images=self.decode(latents),
+            trajectory=output.latents,
+            timesteps=output.timesteps,
+            log_probs=output.log_probs,
+            step_mask=output.step_mask,
+            conditioning=output.conditioning,
+            images=output.images,
         )
 
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
@@ -342,7 +291,7 @@ class DenoiserPolicy(TrainableWeights):
             conditioning = {key: value.repeat(columns, *[1] * (value.dim() - 1)) for key, value in conditioning.items()}
         model_output = self._denoise(latents, timesteps, conditioning)
         prev_latents = rollout.trajectory[rows, index + 1]
-        log_prob = self._transition(model_output, latents, index, timesteps, prev_latents)[1]  # (c * B,)
+        log_prob = self.sampler.transition(model_output, latents, index, timesteps, self.stochasticity, prev_latents)[1]
         return log_prob.view(columns, batch).t()
 
     def noise_level(self, timesteps: Tensor) -> Tensor:
@@ -404,22 +353,10 @@ class DenoiserPolicy(TrainableWeights):
             divergence=torch.stack([per_sample_mse(prediction, r) for r in reference_predictions]),
         )
 
-    @torch.no_grad()
     def encode_samples(self, samples: Tensor) -> Tensor:
         """(B, C, h, w) float32 latents of (B, 3, H, W) images in [0, 1] (the VAE posterior's
         mean, scaled and shifted as :meth:`decode` expects), resized to the policy's resolution."""
-        if not isinstance(samples, Tensor) or samples.dim() != 4 or samples.shape[1] != 3:
-            raise ValueError("encode_samples takes (B, 3, H, W) image tensors in [0, 1].")
-        images = samples.to(self.device, torch.float32)
-        if images.shape[-2:] != (self.resolution, self.resolution):
-            images = torch.nn.functional.interpolate(
-                images, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False
-            )
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        with self._frozen_on_device([self.vae]):
-            posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return ((posterior.mean.float() - shift) * config.scaling_factor).contiguous()
+        return self.sampler.encode_images_to_latents(samples, self.resolution)
 
     # ----------------------------------------------------------------------------------------
     # persistence
