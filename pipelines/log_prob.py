@@ -14,11 +14,12 @@ runs: :meth:`LogProbMixin.denoise` (guidance as ONE batched forward of 2B rows, 
 first) and :meth:`LogProbMixin.transition`. So an unchanged model reproduces the recorded
 log-probs exactly when it re-scores at the sampling batch size.
 
-Three settings serve training loops and default to plain inference: :attr:`forward_denoiser`
+Four settings serve training loops and default to plain inference: :attr:`forward_denoiser`
 (the module forward passes go through: the denoiser, or a wrapper of it such as accelerate's
 DDP or ``torch.compile``), :attr:`attention_backend` (one PyTorch SDPA kernel, or None to let
-PyTorch choose) and :attr:`offload_frozen` (keep the text encoders and the VAE on the CPU
-between uses).
+PyTorch choose), :attr:`offload_frozen` (keep the text encoders and the VAE on the CPU between
+uses) and :attr:`device_override` (where sampling runs, when offloading leaves diffusers unable
+to tell).
 """
 
 from __future__ import annotations
