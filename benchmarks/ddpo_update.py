@@ -10,29 +10,30 @@ rollout, backward per step, one optimizer step per minibatch -- is timed.
 
 ``--compare-anchor`` also times, in the same process on the same rollouts, LoRA, optimizer and
 number of optimizer steps, the update as the research anchor (ddpo-pytorch's train loop) writes
-it: :func:`anchor_update`, a loop over timesteps with one forward/backward per timestep, the
-classifier-free guidance as TWO UNet passes of B rows (unconditional, then conditional) where
-align-gen runs ONE pass of 2B, and the log-prob through the same float32 kernel
-(``pipelines.kernels.ddim_step_with_logprob``) on the full latent. Both compute the same loss and
-gradient (``tests/test_full_size_benchmarks.py`` checks it to float tolerance), so the ratio
-compares two implementations of one computation. (ddpo-pytorch's own train step batches the two
-CFG branches as we do; the two-pass form is that of pipelines that call the denoiser once per
-branch. ``--anchor-cfg batched`` times the anchor loop with one 2B pass, isolating the loop's own
-cost.)
+it: :func:`anchor_update`, a loop over timesteps with one forward/backward per timestep and the
+log-prob through the same float32 kernel (``pipelines.kernels.ddim_step_with_logprob``) on the
+full latent. By default (``--anchor-cfg batched``) its classifier-free guidance is ONE UNet pass
+of the doubled batch, as ddpo-pytorch's train.py runs it: the faithful baseline, and the
+headline ratio. ``--anchor-cfg two-pass`` runs the guidance as TWO passes of B rows
+(unconditional, then conditional), the form of pipelines that call the denoiser once per branch;
+``--anchor-cfg both`` times the two as separate rows. Every side computes the same loss and
+gradient (``tests/test_full_size_benchmarks.py`` checks it to float tolerance), so a ratio
+compares two implementations of one computation.
 
-How: one process, one warm-up update (it also allocates AdamW's state), then ``--repeats``
-timed updates over the same rollouts (the weights move between repeats; the cost of an update does
-not depend on them), each between ``torch.cuda.synchronize()`` calls on CUDA; with
-``--compare-anchor`` the two alternate (ours, anchor, ours, ...) after one warm-up of each.
-Reported: the median seconds per update (wall-clock, and the process's CPU time beside it),
+How: one process, one warm-up update of each side (it also allocates AdamW's state), then
+``--repeats`` rounds of one timed update per side over the same rollouts, the order alternating
+between rounds (A B, B A, ...: a drift in the machine's load favours no side); the weights move
+between repeats, the cost of an update does not depend on them. Each update runs between
+``torch.cuda.synchronize()`` calls on CUDA. Reported: the median seconds per update (wall-clock, and the process's CPU time beside it),
 samples/s (rollouts processed per second of update,
 all their timesteps included) and transitions/s (= samples/s x steps); on CUDA also the peak
 memory allocated (``torch.cuda.max_memory_allocated``) during each side's updates. Model FLOPs:
 one minibatch's loss piece (one timestep, forward and backward) counted by ``FlopCounterMode``,
 times the pieces of an update; divided by the median time, and on a GPU of
 ``harness.PEAK_BF16_FLOPS`` by its bf16 peak (MFU). ``--json OUT`` writes the result
-(``harness.BenchmarkResult``: rows "align-gen" and, with ``--compare-anchor``, "anchor (two-pass
-CFG)" or "anchor (batched CFG)").
+(``harness.BenchmarkResult``: rows "align-gen" and, with ``--compare-anchor``, "anchor (batched
+CFG)" and / or "anchor (two-pass CFG)"; each comparison gives the ratio of the median times, the
+spread of the per-pair ratios and the same ratio of process CPU time).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --lora [--json out.json]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ddpo_update.py --full
@@ -59,6 +60,7 @@ from harness import (
     describe_machine,
     flops_report,
     format_flops,
+    interleaved,
     median,
     percent,
     print_machine,
@@ -66,6 +68,7 @@ from harness import (
     resolve_dtype,
     resolve_model,
     settings_of,
+    time_ratio,
     timed,
     timing_numbers,
 )
@@ -111,9 +114,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--anchor-cfg",
-        choices=["two-pass", "batched"],
-        default="two-pass",
-        help="the anchor's CFG: two UNet passes of B rows (default) or one of 2B",
+        choices=["batched", "two-pass", "both"],
+        default="batched",
+        help="the anchor's CFG: one UNet pass of 2B rows as ddpo-pytorch runs it (the faithful baseline), "
+        "two passes of B rows, or both as separate rows",
     )
     return parser.parse_args()
 
@@ -288,22 +292,23 @@ def update_flops(
 def time_sides(
     sides: dict[str, Callable[[], tuple[dict[str, float], int]]], repeats: int, device: torch.device
 ) -> tuple[dict[str, list[Timing]], dict[str, float | None], dict[str, int]]:
-    """One warm-up call of each side, then ``repeats`` interleaved rounds. Returns the timings
-    (wall and CPU seconds), the peak CUDA GiB allocated during each side's calls (None off CUDA)
-    and each side's optimizer steps per update."""
-    times: dict[str, list[Timing]] = {name: [] for name in sides}
+    """The sides timed in interleaved pairs of alternating order (:func:`harness.interleaved`).
+    Returns the timings (wall and CPU seconds), the peak CUDA GiB allocated during each side's
+    calls (None off CUDA) and each side's optimizer steps per update."""
     peaks: dict[str, float | None] = {name: None for name in sides}
-    optimizer_steps: dict[str, int] = {}
-    for repeat in range(repeats + 1):  # repeat 0 is the warm-up
-        for name, fn in sides.items():
+
+    def measured(name: str, fn: Callable[[], tuple[dict[str, float], int]]) -> Callable[[], int]:
+        def call() -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            timing, (_, optimizer_steps[name]) = timed(fn, device)
+            _, steps = fn()
             if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**30
-                peaks[name] = max(peaks[name] or 0.0, peak)
-            if repeat:
-                times[name].append(timing)
+                peaks[name] = max(peaks[name] or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
+            return steps
+
+        return call
+
+    times, optimizer_steps = interleaved({name: measured(name, fn) for name, fn in sides.items()}, repeats, device)
     return times, peaks, optimizer_steps
 
 
@@ -332,23 +337,23 @@ def main() -> None:
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
     flops = update_flops(policy, objective, optimizer, rollouts, config, accelerator)
 
-    anchor_name = f"anchor ({args.anchor_cfg} CFG)"
     sides: dict[str, Callable[[], tuple[dict[str, float], int]]] = {
         "align-gen": lambda: update(
             policy, objective, optimizer, rollouts, config, generator, accelerator
         )
     }
     if args.compare_anchor:
-        sides[anchor_name] = lambda: anchor_update(
-            policy, optimizer, rollouts, config, generator, accelerator, args.anchor_cfg
-        )
+        for cfg in ("batched", "two-pass") if args.anchor_cfg == "both" else (args.anchor_cfg,):
+            sides[f"anchor ({cfg} CFG)"] = lambda cfg=cfg: anchor_update(
+                policy, optimizer, rollouts, config, generator, accelerator, cfg
+            )
     times, peaks, optimizer_steps = time_sides(sides, args.repeats, device)
     mode = "lora" if args.lora else "full"
     print(
         f"\nmodel={model_name} dtype={dtype} mode={mode} trainable={trainable:,}/{total:,} denoiser params "
         f"rollouts={len(rollouts)} steps={args.steps} minibatch={config.train.batch_size} "
         f"resolution={policy.resolution} guidance={args.guidance_scale} "
-        f"mixed_precision={args.mixed_precision} repeats={args.repeats} (+1 warm-up)"
+        f"mixed_precision={args.mixed_precision} repeats={args.repeats} (+1 warm-up each), alternating pairs"
     )
     rows, table, comparisons, notes = report(
         times, peaks, optimizer_steps, len(rollouts), args.steps, flops, device
@@ -443,12 +448,11 @@ def report(
             for row in rows
         ],
     )
-    comparisons = []
-    if len(rows) == 2:
-        ours, anchor = rows
-        ratio = ours["samples_per_s"] / anchor["samples_per_s"]
-        paired = median([a / o for o, a in zip(ours["wall_s"], anchor["wall_s"], strict=True)])
-        comparisons.append(Comparison(f"align-gen / {anchor['name']} samples/s", ratio, paired))
+    comparisons = [  # samples/s of align-gen over an anchor's = the anchor's time over align-gen's
+        time_ratio(f"align-gen / {name} samples/s", timings, times["align-gen"])
+        for name, timings in times.items()
+        if name != "align-gen"
+    ]
     return rows, table, comparisons, notes
 
 

@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -130,6 +130,25 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[Timing, T]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return Timing(time.perf_counter() - wall, time.process_time() - cpu), result
+
+
+def interleaved(
+    sides: Mapping[str, Callable[[], T]], repeats: int, device: torch.device
+) -> tuple[dict[str, list[Timing]], dict[str, T]]:
+    """Times every side ``repeats`` times after one untimed warm-up call of each, in pairs (one
+    call of each side per round) whose order alternates (A B, B A, A B, ...): when the machine's
+    load drifts, neither side always gets the quieter half of a pair. Returns each side's
+    timings, in round order (the i-th of every side are one pair), and its last result."""
+    names = list(sides)
+    results: dict[str, T] = {}
+    for name in names:  # the warm-up (and any compilation)
+        results[name] = timed(sides[name], device)[1]
+    timings: dict[str, list[Timing]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            timing, results[name] = timed(sides[name], device)
+            timings[name].append(timing)
+    return timings, results
 
 
 def median(values: list[float]) -> float:
@@ -261,20 +280,58 @@ class Table:
 @dataclasses.dataclass
 class Comparison:
     """A named ratio between two rows (e.g. "align-gen / anchor samples/s"): the ratio of the
-    rows' medians, the median of the per-pair ratios where the sides ran in interleaved pairs,
-    and an optional note (what the number means, a target)."""
+    rows' medians (wall-clock), the median of the per-pair ratios where the sides ran in
+    interleaved pairs with their spread (min and max over the pairs), the same ratio of process
+    CPU time (what a shared, noisy machine distorts least), and an optional note (what the
+    number means, a target). :func:`time_ratio` fills every field from two sides' timings."""
 
     name: str
     value: float | None
     per_pair_median: float | None = None
     note: str = ""
+    per_pair_min: float | None = None
+    per_pair_max: float | None = None
+    cpu_value: float | None = None  # the ratio of the medians of process CPU time
+    cpu_per_pair_median: float | None = None
 
     def describe(self, bold: bool = False) -> str:
         value = cell(self.value, ".3f")
         text = f"{self.name}: {f'**{value}**' if bold else value}"
         if self.per_pair_median is not None:
             text += f"; median of the per-pair ratios {cell(self.per_pair_median, '.3f')}"
+            if self.per_pair_min is not None and self.per_pair_max is not None:
+                text += f" (min {cell(self.per_pair_min, '.3f')}, max {cell(self.per_pair_max, '.3f')})"
+        if self.cpu_value is not None:
+            text += f"; CPU time: {cell(self.cpu_value, '.3f')}"
+            if self.cpu_per_pair_median is not None:
+                text += f" (per-pair median {cell(self.cpu_per_pair_median, '.3f')})"
         return text + (f" ({self.note})" if self.note else "")
+
+
+def time_ratio(name: str, numerator: Sequence[Timing], denominator: Sequence[Timing], note: str = "") -> Comparison:
+    """``numerator`` / ``denominator`` of two sides timed in interleaved pairs (the i-th call of
+    each is one pair): the ratio of the median times, wall and CPU, and the median, min and max
+    of the per-pair wall ratios. A ratio of times is the inverse ratio of throughputs: a
+    comparison named "B / A samples/s" is ``time_ratio(name, A, B)``."""
+
+    def ratios(kind: str) -> tuple[float, list[float]]:
+        top = [getattr(t, kind) for t in numerator]
+        bottom = [getattr(t, kind) for t in denominator]
+        per_pair = [a / b for a, b in zip(top, bottom, strict=True) if b > 0]
+        return median(top) / median(bottom), per_pair
+
+    wall, wall_pairs = ratios("wall_s")
+    cpu, cpu_pairs = ratios("cpu_s")
+    return Comparison(
+        name,
+        wall,
+        median(wall_pairs) if wall_pairs else None,
+        note,
+        per_pair_min=min(wall_pairs) if wall_pairs else None,
+        per_pair_max=max(wall_pairs) if wall_pairs else None,
+        cpu_value=cpu,
+        cpu_per_pair_median=median(cpu_pairs) if cpu_pairs else None,
+    )
 
 
 def command_line() -> list[str]:

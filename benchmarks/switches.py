@@ -4,11 +4,12 @@ What is measured: for every switch asked for (``--switches``), two trainers are 
 ``align_gen.train.train`` builds them (policy, AdamW, ``accelerator.prepare``, the compile step):
 the BASELINE (the run's defaults) and the VARIANT (the baseline plus the switch's config
 overrides, e.g. ``model.channels_last=true``). The baseline samples one epoch of rollouts with
-random advantages; both then alternate, ``--repeats`` times after one warm-up each (the warm-up
-absorbs torch.compile's compilation): one sampling batch (``policy.sample``) and one DDPO update
+random advantages; both then alternate, ``--repeats`` pairs after one warm-up each (the warm-up
+absorbs torch.compile's compilation), the order within a pair reversed every other pair so that
+a drift in the load favours neither: one sampling batch (``policy.sample``) and one DDPO update
 (``update``) over those rollouts. Reported per switch: the median seconds of each side, the
-speed-up baseline / variant of the medians and the median of the per-pair ratios (robust to a
-loaded machine), and on CUDA the peak memory of each side's update. Beside each wall-clock time,
+speed-up baseline / variant of the medians, the median, min and max of the per-pair ratios, the
+same speed-up of process CPU time, and on CUDA the peak memory of each side's update. Beside each wall-clock time,
 the process's CPU time over the same call. ``--json OUT`` writes the result
 (``harness.BenchmarkResult``: one row per switch, its two sides under ``baseline_`` / ``variant_``
 keys; the switches the device cannot run under ``extra["unavailable"]``).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 
 import torch
 from accelerate import Accelerator
@@ -43,12 +43,12 @@ from harness import (
     build_like_train,
     cell,
     describe_machine,
-    median,
     print_machine,
     publish,
     resolve_dtype,
     resolve_model,
     settings_of,
+    time_ratio,
     timed,
     timing_numbers,
 )
@@ -157,7 +157,9 @@ def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str], name
     times: dict[str, dict[str, list[Timing]]] = {side: {"sample": [], "update": []} for side in sides}
     peaks: dict[str, float | None] = {side: None for side in sides}
     for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and compilation)
-        for side_name, side in sides.items():
+        names = list(sides) if repeat % 2 else list(sides)[::-1]  # the order alternates between pairs
+        for side_name in names:
+            side = sides[side_name]
             sample_t, update_t, peak = time_side(side, objective, rollouts, batch_prompts, repeat, device)
             if repeat:
                 times[side_name]["sample"].append(sample_t)
@@ -168,10 +170,11 @@ def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str], name
         for kind in ("sample", "update"):
             row.update(timing_numbers(times[side][kind], f"{side}_{kind}_"))
         row[f"{side}_peak_memory_gib"] = peaks[side]
-    for kind in ("sample", "update"):
-        base_t, var_t = row[f"baseline_{kind}_wall_s"], row[f"variant_{kind}_wall_s"]
-        row[f"{kind}_speedup"] = median(base_t) / median(var_t)
-        row[f"{kind}_per_pair"] = statistics.median(b / v for b, v in zip(base_t, var_t, strict=True))
+    for kind in ("sample", "update"):  # baseline / variant seconds: > 1 = the switch is faster
+        ratio = time_ratio("", times["baseline"][kind], times["variant"][kind])
+        row[f"{kind}_speedup"], row[f"{kind}_per_pair"] = ratio.value, ratio.per_pair_median
+        row[f"{kind}_per_pair_min"], row[f"{kind}_per_pair_max"] = ratio.per_pair_min, ratio.per_pair_max
+        row[f"{kind}_cpu_speedup"], row[f"{kind}_cpu_per_pair"] = ratio.cpu_value, ratio.cpu_per_pair_median
     return row
 
 
@@ -190,7 +193,8 @@ def main() -> None:
         except ConfigError as error:  # the device cannot run this switch
             unavailable[name] = str(error)
     print(f"\nmodel={shown_model} dtype={dtype} batch={args.batch_size} steps={args.steps} "
-          f"epoch={args.batch_size * args.num_batches} rollouts, repeats={args.repeats} (+1 warm-up)")
+          f"epoch={args.batch_size * args.num_batches} rollouts, repeats={args.repeats} (+1 warm-up), "
+          "pairs in alternating order")
     header = ["switch", "sample s base", "sample s var", "sample x", "per-pair", "update s base", "update s var",
               "update x", "per-pair", "peak GiB base / var"]
     table_rows = []
@@ -202,7 +206,15 @@ def main() -> None:
                            row["variant_update_median_wall_s"], row["update_speedup"], row["update_per_pair"], peak])
     table_rows += [[name, "n/a on this device"] + [""] * (len(header) - 2) for name in unavailable]
     comparisons = [
-        Comparison(f"baseline / {row['name']} {kind} seconds", row[f"{kind}_speedup"], row[f"{kind}_per_pair"])
+        Comparison(
+            f"baseline / {row['name']} {kind} seconds",
+            row[f"{kind}_speedup"],
+            row[f"{kind}_per_pair"],
+            per_pair_min=row[f"{kind}_per_pair_min"],
+            per_pair_max=row[f"{kind}_per_pair_max"],
+            cpu_value=row[f"{kind}_cpu_speedup"],
+            cpu_per_pair_median=row[f"{kind}_cpu_per_pair"],
+        )
         for row in rows for kind in ("sample", "update")
     ]
     result = BenchmarkResult(
