@@ -129,3 +129,22 @@ def test_timed_measures_wall_and_process_cpu_time() -> None:
     assert value == 7 and timing.wall_s >= 0.05 and 0 < timing.cpu_s
     numbers = harness.timing_numbers([timing, harness.Timing(1.0, 0.5)], "update_")
     assert numbers["update_max_wall_s"] == 1.0 and numbers["update_cpu_s"] == [timing.cpu_s, 0.5]
+
+
+def test_interleaved_pairs_alternate_their_order_after_one_warm_up_of_each() -> None:
+    calls: list[str] = []
+    sides = {name: (lambda name=name: calls.append(name) or len(calls)) for name in ("A", "B")}
+    timings, last = harness.interleaved(sides, 3, torch.device("cpu"))
+    assert calls == ["A", "B", "A", "B", "B", "A", "A", "B"]  # warm-ups, then A B, B A, A B
+    assert [len(timings["A"]), len(timings["B"])] == [3, 3] and last == {"A": 7, "B": 8}
+
+
+def test_time_ratio_gives_the_ratio_of_medians_the_pair_spread_and_cpu_time() -> None:
+    timing = harness.Timing
+    slow = [timing(2.0, 4.0), timing(3.0, 6.0), timing(4.0, 8.0)]
+    fast = [timing(1.0, 1.0), timing(2.0, 2.0), timing(1.0, 4.0)]
+    ratio = harness.time_ratio("fast / slow samples/s", slow, fast)
+    assert ratio.value == pytest.approx(3.0 / 1.0)  # median times 3 s and 1 s
+    assert (ratio.per_pair_median, ratio.per_pair_min, ratio.per_pair_max) == pytest.approx((2.0, 1.5, 4.0))
+    assert ratio.cpu_value == pytest.approx(6.0 / 2.0) and ratio.cpu_per_pair_median == pytest.approx(3.0)
+    assert "min 1.500, max 4.000" in ratio.describe() and "CPU time: 3.000" in ratio.describe()
