@@ -332,6 +332,7 @@ def _sample(args: argparse.Namespace) -> int:
     from align_gen.evaluation import select_prompts
     from align_gen.models import resolve_model
     from align_gen.prompts import load_prompts
+    from align_gen.report import model_label
     from pipelines.grid import sample_grid
 
     _check_sampling_args(args)
@@ -340,7 +341,7 @@ def _sample(args: argparse.Namespace) -> int:
     _check_output(args.out, "--out", is_folder=False)
     source = resolve_model(args.model, args.lora)
     prompts = select_prompts(load_prompts(args.prompts, visual=source.takes_images), args.num_prompts)
-    _say(f"loading {_model_name(args.model, args.lora)} ...")
+    _say(f"loading {model_label(args.model, args.lora)} ...")
     policy = _load_policy(args, source)
     _say(f"sampling {len(prompts)} prompts x {len(args.seeds)} seeds ({args.steps} steps each) ...")
     image = sample_grid(policy, prompts, args.seeds, progress=True, batch_size=args.batch_size)
@@ -350,22 +351,24 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_name(model: str, lora: str | None) -> str:
-    return model if lora is None else f"{model} with LoRA {lora}"
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     """Samples model A (and B with --compare) on the same prompts and seeds, scores every sample
     and writes the outputs of :mod:`align_gen.report` (a .json --out: the summary only)."""
     from align_gen.evaluation import sample_and_score, select_prompts
     from align_gen.models import resolve_model
     from align_gen.prompts import load_prompts
-    from align_gen.report import EvaluatedModel, build_summary, summary_table, write_outputs
+    from align_gen.report import (
+        EvaluatedModel,
+        build_summary,
+        model_label,
+        summary_table,
+        write_outputs,
+    )
 
     _check_sampling_args(args)
     model, run_dir = _evaluation_model(args)
     _check_output(args.out, "--out", is_folder=not args.out.endswith(".json"))
-    _reward_request(args)  # names and options, before any model is resolved
+    request = _reward_request(args)  # names and options, before any model is resolved
     sources = {"A": resolve_model(model, args.lora)}
     if args.compare is not None:
         sources["B"] = resolve_model(args.compare, args.compare_lora)
@@ -374,7 +377,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
     prompts = select_prompts(load_prompts(args.prompts, visual=visual["A"]), args.num_prompts)
     shown = select_prompts(range(len(prompts)), args.grid_prompts) if args.grid_prompts > 0 else []
-    rewards = _evaluation_rewards(args)
+    rewards = _evaluation_rewards(request)
     settings = {
         "prompts": args.prompts,
         "seeds": args.seeds,
@@ -388,7 +391,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for (role, source), (name, lora) in zip(
         sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
     ):
-        _say(f"loading {role}: {_model_name(name, lora)} ...")
+        _say(f"loading {role}: {model_label(name, lora)} ...")
         policy = _load_policy(args, source)
         _say(f"sampling {role}: {len(prompts)} prompts x {len(args.seeds)} seeds ({args.steps} steps each) ...")
         samples = sample_and_score(policy, rewards, prompts, args.seeds, args.batch_size, keep_prompts=shown,
@@ -419,11 +422,12 @@ def _make_pairs(args: argparse.Namespace) -> int:
     from align_gen.models import resolve_model
     from align_gen.pairs import make_pairs, summarise_pairs
     from align_gen.prompts import load_prompts
+    from align_gen.report import model_label
 
     _check_sampling_args(args)
     if args.num_prompts < 0:
         raise AlignGenError(f"--num-prompts must be >= 0, got {args.num_prompts}.")
-    judges = _evaluation_rewards(args)
+    judges = _evaluation_rewards(_reward_request(args))
     if len(judges) != 1:
         raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(judges)}.")
     _check_output(args.out, "--out", is_folder=True)
@@ -431,7 +435,7 @@ def _make_pairs(args: argparse.Namespace) -> int:
     if source.takes_images:
         raise AlignGenError("make-pairs draws images: give a text-to-image model, not a vision-language model.")
     prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
-    _say(f"loading {_model_name(args.model, args.lora)} ...")
+    _say(f"loading {model_label(args.model, args.lora)} ...")
     policy = _load_policy(args, source)
     _say(f"sampling {len(prompts)} prompts x {args.candidates} candidates ({args.steps} steps each) ...")
     (judge,) = judges.values()
@@ -496,11 +500,11 @@ def _reward_request(args: argparse.Namespace) -> tuple[list[str], dict[str, floa
     return list(args.reward), weights, resolve_folders_in(options)  # align-gen:world-clip and the other shipped folders
 
 
-def _evaluation_rewards(args: argparse.Namespace) -> dict:
-    """{name: reward} of --reward and --reward-weights (the weighted sum is named 'weighted')."""
+def _evaluation_rewards(request: tuple[list[str], dict[str, float], dict]) -> dict:
+    """{name: reward} of a :func:`_reward_request` (the weighted sum is named 'weighted')."""
     from reward_models import build_reward, get_reward
 
-    names, weights, options = _reward_request(args)
+    names, weights, options = request
     _say(f"loading rewards: {', '.join([*names, *weights])} ...")
     rewards = {name: get_reward(name, **options.get(name, {})) for name in names}
     if weights:

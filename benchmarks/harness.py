@@ -132,6 +132,12 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[Timing, T]:
     return Timing(time.perf_counter() - wall, time.process_time() - cpu), result
 
 
+def pair_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of the sides in timed round ``round_index`` (0 = the first after the
+    warm-ups): as given in even rounds, reversed in odd ones."""
+    return list(names) if round_index % 2 == 0 else list(names)[::-1]
+
+
 def interleaved(
     sides: Mapping[str, Callable[[], T]], repeats: int, device: torch.device
 ) -> tuple[dict[str, list[Timing]], dict[str, T]]:
@@ -145,7 +151,7 @@ def interleaved(
         results[name] = timed(sides[name], device)[1]
     timings: dict[str, list[Timing]] = {name: [] for name in names}
     for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else names[::-1]:
+        for name in pair_order(names, round_index):
             timing, results[name] = timed(sides[name], device)
             timings[name].append(timing)
     return timings, results

@@ -43,6 +43,7 @@ from harness import (
     build_like_train,
     cell,
     describe_machine,
+    pair_order,
     print_machine,
     publish,
     resolve_dtype,
@@ -157,8 +158,7 @@ def measure_pair(args: argparse.Namespace, raw: dict, overrides: list[str], name
     times: dict[str, dict[str, list[Timing]]] = {side: {"sample": [], "update": []} for side in sides}
     peaks: dict[str, float | None] = {side: None for side in sides}
     for repeat in range(args.repeats + 1):  # repeat 0: the warm-up (and compilation)
-        names = list(sides) if repeat % 2 else list(sides)[::-1]  # the order alternates between pairs
-        for side_name in names:
+        for side_name in pair_order(sides, repeat - 1):  # the order alternates; repeat 0 warms up
             side = sides[side_name]
             sample_t, update_t, peak = time_side(side, objective, rollouts, batch_prompts, repeat, device)
             if repeat:

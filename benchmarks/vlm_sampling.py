@@ -72,6 +72,7 @@ from harness import (
     add_common_flags,
     describe_machine,
     median,
+    pair_order,
     print_machine,
     publish,
     resolve_dtype,
@@ -264,10 +265,11 @@ def main() -> None:
     timings: dict[str, list[Timing]] = {"ours": [], "plain": []}
     tokens: dict[str, list[int]] = {"ours": [], "plain": []}
     answers: dict[str, torch.Tensor] = {}
+    sides = {"ours": ours, "plain": plain}
     for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
         # The order within a pair alternates, so that a drift in the load favours neither side.
-        for name, fn in (("ours", ours), ("plain", plain))[:: 1 if repeat % 2 else -1]:
-            timing, (count, answers[name]) = timed(fn, device)
+        for name in pair_order(sides, repeat - 1):
+            timing, (count, answers[name]) = timed(sides[name], device)
             if repeat:
                 timings[name].append(timing)
                 tokens[name].append(count)

@@ -61,10 +61,6 @@ class FlowLogProbMixin(LogProbMixin):
     def denoiser(self) -> torch.nn.Module:
         return self.transformer
 
-    def noise_level_of(self, timesteps: Tensor) -> Tensor:
-        """(B,) flow time sigma in [0, 1] of the scheduler's timesteps sigma * N."""
-        return timesteps.float() / self.scheduler.config.num_train_timesteps
-
     def transition(
         self,
         model_output: Tensor,

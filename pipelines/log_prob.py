@@ -191,6 +191,11 @@ class LogProbMixin:
         weights are float32)."""
         return next((p.dtype for p in self.denoiser.parameters() if not p.requires_grad), torch.float32)
 
+    def noise_level_of(self, timesteps: Tensor) -> Tensor:
+        """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (for a DDPM schedule the
+        share of the training horizon, for a flow schedule the flow time sigma)."""
+        return timesteps.float() / self.scheduler.config.num_train_timesteps
+
     def forward_module(self) -> torch.nn.Module:
         """What forward passes go through: :attr:`forward_denoiser`, or the denoiser itself."""
         return self.forward_denoiser if self.forward_denoiser is not None else self.denoiser

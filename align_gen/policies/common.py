@@ -162,7 +162,7 @@ class DenoiserPolicy(TrainableWeights):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.sampler.vae_scale_factor  # diffusers': 2 ** (VAE levels - 1)
 
     @property
     def latent_multiple(self) -> int:
@@ -295,9 +295,8 @@ class DenoiserPolicy(TrainableWeights):
         return log_prob.view(columns, batch).t()
 
     def noise_level(self, timesteps: Tensor) -> Tensor:
-        """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (for a DDPM schedule the
-        share of the training horizon, for a flow schedule the flow time sigma)."""
-        return timesteps.float() / self.scheduler.config.num_train_timesteps
+        """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (the sampler's)."""
+        return self.sampler.noise_level_of(timesteps)
 
     # ----------------------------------------------------------------------------------------
     # matching losses

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from align_gen.builtins import find_builtin
+from align_gen.builtins import find_builtin, resolve_folder
 from align_gen.errors import ConfigError, MissingWeightsError
 
 
@@ -54,10 +54,9 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    pretrained = resolve_folder(pretrained)  # a shipped folder loads like any folder
     builtin = find_builtin(pretrained)
-    if builtin is not None and builtin.kind == "folder":
-        pretrained = str(builtin.load())
-    elif builtin is not None:
+    if builtin is not None:
         if builtin.kind != "diffusers":
             raise ConfigError(f"{pretrained} is a vision-language model, not a diffusion pipeline.")
         pipeline = builtin.load()
@@ -92,11 +91,10 @@ def is_vlm_source(pretrained: str) -> bool:
     pipeline: a VLM built-in, a local folder with a ``config.json`` and no ``model_index.json``,
     or a hub id whose repository has no ``model_index.json`` (checked only when the hub or the
     cache can answer; otherwise it is taken for a diffusion model, whose loader names it)."""
+    pretrained = resolve_folder(pretrained)
     builtin = find_builtin(pretrained)
-    if builtin is not None and builtin.kind != "folder":
-        return builtin.kind == "vlm"
     if builtin is not None:
-        pretrained = str(builtin.load())
+        return builtin.kind == "vlm"
     folder = Path(pretrained).expanduser()
     if folder.is_dir():
         return (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
@@ -122,10 +120,9 @@ def load_vlm(pretrained: str, *, revision: str | None = None, dtype: torch.dtype
         MissingWeightsError: the folder does not exist, or the hub id is not cached and the
             hub cannot be reached; the message names what to provide.
     """
+    pretrained = resolve_folder(pretrained)
     builtin = find_builtin(pretrained)
-    if builtin is not None and builtin.kind == "folder":
-        pretrained = str(builtin.load())
-    elif builtin is not None:
+    if builtin is not None:
         if builtin.kind != "vlm":
             raise ConfigError(f"{pretrained} is a diffusion pipeline, not a vision-language model.")
         model, processor = builtin.load()
