@@ -394,11 +394,13 @@ def update(
     """``train.inner_epochs`` passes over the rollouts in shuffled minibatches.
 
     Returns the mean of every metric over the loss pieces, the mean gradient norm, and the
-    number of optimizer steps taken.
+    number of optimizer steps taken. The statistics stay on the device until the update ends
+    and are read back then, in one transfer: a read per loss piece or optimizer step would stall
+    a GPU every time. A non-finite gradient norm is found there and stops the run before anything
+    is saved (the weights it reached are discarded with the run).
     """
     train_config = config.train
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
+    values: dict[str, list[torch.Tensor | float]] = defaultdict(list)
     steps = 0
     parameters = list(policy.trainable_parameters())
     policy.set_training_mode(True)
@@ -407,34 +409,47 @@ def update(
         # Shuffle whole groups (the samples of one prompt draw), keeping each group's samples
         # consecutive, so an even minibatch size never splits one of REBEL's pairs.
         group_order = torch.randperm(len(rollouts) // group, generator=generator)
-        order = (group_order[:, None] * group + torch.arange(group)).flatten()
-        minibatches = order.split(train_config.batch_size)
+        order = (group_order[:, None] * group + torch.arange(group)).flatten().tolist()  # host-side indices
+        size = train_config.batch_size
+        minibatches = [order[start : start + size] for start in range(0, len(order), size)]
         for index, minibatch in enumerate(minibatches):
             batch = rollouts.select(minibatch)
             with accelerator.autocast():
                 for term in objective.loss_terms(policy, batch, generator):
                     accelerator.backward(term.loss / train_config.gradient_accumulation_steps)
                     for key, value in term.metrics.items():
-                        sums[key] += value
-                        counts[key] += 1
+                        values[key].append(value)
             if (index + 1) % train_config.gradient_accumulation_steps == 0 or index + 1 == len(minibatches):
-                grad_norm = accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm)
-                if not math.isfinite(float(grad_norm)):  # NaN loss or overflow: never step on it
-                    raise TrainingDivergedError(
-                        f"the gradient norm is {float(grad_norm)} at optimizer step {steps + 1} of this epoch: "
-                        f"the loss or its gradient is not finite. {_divergence_advice(config)}"
-                    )
+                values["grad_norm"].append(accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sums["grad_norm"] += float(grad_norm)
-                counts["grad_norm"] += 1
                 steps += 1
     policy.set_training_mode(False)
-    metrics = {key: sums[key] / counts[key] for key in sums}
+    read = read_values(values)  # the update's one read back to the host
+    norms = read["grad_norm"]
+    bad_step = next((step for step, norm in enumerate(norms) if not math.isfinite(norm)), None)
+    if bad_step is not None:  # NaN loss or overflow
+        raise TrainingDivergedError(
+            f"the gradient norm is {norms[bad_step]} at optimizer step {bad_step + 1} of this epoch: "
+            f"the loss or its gradient is not finite. {_divergence_advice(config)}"
+        )
+    metrics = {key: sum(numbers) / len(numbers) for key, numbers in read.items()}
     bad = sorted(key for key, value in metrics.items() if not math.isfinite(value))
     if bad:
         raise TrainingDivergedError(f"the update's {', '.join(bad)} are not finite. {_divergence_advice(config)}")
     return metrics, steps
+
+
+def read_values(values: dict[str, list[torch.Tensor | float]]) -> dict[str, list[float]]:
+    """``values`` as Python floats, every tensor among them read back in one transfer."""
+    tensors = [value for numbers in values.values() for value in numbers if isinstance(value, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        host = iter(torch.stack([value.detach().reshape(()).to(device, torch.float64) for value in tensors]).tolist())
+    return {
+        key: [next(host) if isinstance(value, torch.Tensor) else float(value) for value in numbers]
+        for key, numbers in values.items()
+    }
 
 
 def check_finite_weights(policy: Policy, config: RunConfig, epoch: int) -> None:

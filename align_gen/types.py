@@ -135,13 +135,14 @@ class Rollout:
         return self.map_tensors(lambda tensor: tensor.to(device))
 
     def select(self, index: Tensor | Sequence[int]) -> Rollout:
-        """The rollout restricted to the samples ``index`` (a 1-D index tensor or list)."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        """The rollout restricted to the samples ``index`` (a 1-D index tensor or list; a list
+        is never read back from a device)."""
+        positions = index.tolist() if isinstance(index, Tensor) else list(index)
+        index = torch.as_tensor(positions, dtype=torch.long)
         fields = {
             f.name: _map_tensors(getattr(self, f.name), lambda tensor: tensor[index.to(tensor.device)])
             for f in dataclasses.fields(self)
         }
-        positions = index.tolist()
         fields["prompts"] = [self.prompts[i] for i in positions]
         if self.texts is not None:
             fields["texts"] = [self.texts[i] for i in positions]
@@ -177,11 +178,13 @@ class LossOutput:
 
     Attributes:
         loss: scalar tensor WITH grad.
-        metrics: detached float statistics of this piece (averaged over pieces by the trainer).
+        metrics: detached statistics of this piece, 0-d tensors left on the device (or floats):
+            the trainer averages them over the pieces and reads them back once per update, so a
+            piece never waits for the device.
     """
 
     loss: Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor | float]
 
 
 @dataclasses.dataclass(frozen=True)

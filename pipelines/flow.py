@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-from pipelines.kernels import flow_sde_step_with_logprob, flow_sigmas
+from pipelines.kernels import FlowSDEStepTable
 from pipelines.log_prob import LogProbMixin, LogProbPipelineOutput
 
 Tensor = torch.Tensor
@@ -71,19 +71,14 @@ class FlowLogProbMixin(LogProbMixin):
         prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        sigma, sigma_next = flow_sigmas(self.scheduler, step_index)  # (B,) each
-        latents, log_prob = flow_sde_step_with_logprob(
-            model_output,
-            sigma,
-            sigma_next,
-            latents,
-            stochasticity,
-            prev_sample=prev_latents,
-            generator=generator,
-            return_log_prob=stochasticity > 0,
+        latents, log_prob = self.step_table(stochasticity).step(
+            model_output, step_index, latents, prev_latents, generator, return_log_prob=stochasticity > 0
         )
         # The ODE (noise level 0) has no log-density: log-probs 0, every step masked.
         return latents, log_prob if log_prob is not None else torch.zeros(len(latents), device=latents.device)
+
+    def build_step_table(self, stochasticity: float, device: torch.device) -> FlowSDEStepTable:
+        return FlowSDEStepTable.from_scheduler(self.scheduler, stochasticity, device)
 
     def step_mask(self, batch: int, num_steps: int, stochasticity: float) -> Tensor:
         step_mask = torch.ones(batch, num_steps, dtype=torch.bool, device=self.sampling_device)

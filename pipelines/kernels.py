@@ -2,12 +2,26 @@
 
 A kernel returns ``(x_prev, log pi(x_prev | x_t, c))``. The same function draws the transition
 during a rollout (``prev_sample=None``) and re-scores the stored transition during training
-(``prev_sample`` given), so sampling and training can never drift apart. Log-probs are always computed in float32, whatever the model's dtype.
+(``prev_sample`` given), so sampling and training can never drift apart. Log-probs are always
+computed in float32, whatever the model's dtype.
+
+Two ways to take a step, with the same numbers:
+
+- The functions :func:`ddim_step_with_logprob` and :func:`flow_sde_step_with_logprob` check
+  every input and compute the step's scalars (alphas, sigmas, dt, std) on the host at each call,
+  in float64. Convenient for one step; on a GPU their host-side checks of device tensors wait
+  for the device at every call.
+- A step table (:class:`DDIMStepTable`, :class:`FlowSDEStepTable`) holds those scalars for every
+  step of a sampling grid, computed once in float64 and cast to float32 on the device; its
+  ``step`` only gathers the rows of the current step indices. The log-prob pipelines keep one
+  per grid, so neither sampling nor re-scoring reads anything back from the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -17,6 +31,8 @@ Tensor = torch.Tensor
 Reduce = Literal["mean", "sum"]
 
 __all__ = [
+    "DDIMStepTable",
+    "FlowSDEStepTable",
     "Reduce",
     "ddim_step_with_logprob",
     "flow_sde_step_with_logprob",
@@ -73,15 +89,8 @@ def gaussian_log_prob(
     return log_prob.mean(dim=dims) if reduce == "mean" else log_prob.sum(dim=dims)  # (B,)
 
 
-def _check_ddim_inputs(
-    scheduler: DDIMScheduler,
-    model_output: Tensor,
-    sample: Tensor,
-    eta: float,
-    prev_sample: Tensor | None,
-    reduce: str,
-) -> None:
-    """Raises a ValueError for every input ``ddim_step_with_logprob`` cannot handle."""
+def _check_ddim_scheduler(scheduler: DDIMScheduler, eta: float) -> None:
+    """Raises a ValueError for a scheduler or eta the DDIM kernel cannot handle."""
     if not eta > 0:  # also catches NaN
         raise ValueError(
             f"log-probs need a stochastic step: eta must be > 0 (got {eta}); use eta=0 only for "
@@ -91,8 +100,6 @@ def _check_ddim_inputs(
         # Beyond eta = 1 (DDPM), sigma_t^2 can exceed 1 - abar_prev and the direction term's
         # square root becomes imaginary; diffusers would silently return NaN there.
         raise ValueError(f"eta must be in (0, 1] (1 = DDPM), got {eta}.")
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
     if scheduler.num_inference_steps is None:
         raise ValueError("The scheduler has no timesteps: call scheduler.set_timesteps(n) first.")
     if scheduler.config.prediction_type not in _PREDICTION_TYPES:
@@ -105,6 +112,10 @@ def _check_ddim_inputs(
             "Dynamic thresholding (scheduler.config.thresholding=True) is unsupported by the "
             "log-prob kernel; disable it or use clip_sample instead."
         )
+
+
+def _check_shapes(model_output: Tensor, sample: Tensor, prev_sample: Tensor | None) -> None:
+    """Raises a ValueError unless ``sample`` is (B, ...) and the others have its shape."""
     if sample.ndim < 2:
         raise ValueError(
             f"sample must be (B, ...) with at least 2 dims, got shape {tuple(sample.shape)}."
@@ -120,7 +131,7 @@ def _check_ddim_inputs(
 
 
 def _batch_timesteps(scheduler: DDIMScheduler, timestep: int | Tensor, batch_size: int) -> Tensor:
-    """Returns (B,) int64 timesteps on CPU, where the per-sample scalars are computed."""
+    """Returns (B,) int64 timesteps on CPU, checked against the training range."""
     t = torch.as_tensor(timestep).cpu()
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"timestep must be an integer or an integer tensor, got dtype {t.dtype}.")
@@ -134,6 +145,155 @@ def _batch_timesteps(scheduler: DDIMScheduler, timestep: int | Tensor, batch_siz
     if bool(((t < 0) | (t >= num_train_timesteps)).any()):
         raise ValueError(f"timestep must lie in [0, {num_train_timesteps}), got {t.tolist()}.")
     return t.long()
+
+
+def _broadcast(values: Sequence[Tensor], ndim: int) -> tuple[Tensor, ...]:
+    """(B,) per-sample scalars viewed as (B, 1, ..., 1) to broadcast over ndim-dim samples."""
+    view = (-1,) + (1,) * (ndim - 1)
+    return tuple(value.view(view) for value in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMStepTable:
+    """The per-step scalars of DDIM(eta) for a sequence of timesteps on one sampling grid.
+
+    Each field is an (S,) float32 tensor whose row i belongs to the i-th timestep the table was
+    built for (a pipeline's table: the grid's i-th step), all on one device. They are computed
+    once in float64 on the CPU (1 - abar_t / abar_prev cancels catastrophically in float32 near
+    t = 0) and then cast, so a step at device-resident row indices is only a gather: no read back
+    to the host, no copy to the device. The square roots are taken of the float32 values, the
+    operations a per-step computation runs, so stepping through the table equals
+    :func:`ddim_step_with_logprob` bit for bit.
+
+    Build it from a scheduler's grid with :meth:`from_scheduler` (a pipeline keeps one per grid,
+    eta and device) or for any timesteps with :meth:`build`; step with :meth:`step`.
+    """
+
+    eta: float
+    prediction_type: str
+    clip_sample_range: float | None  # None: the scheduler does not clip x0
+    sqrt_abar: Tensor  # sqrt(abar_t)
+    sqrt_beta: Tensor  # sqrt(1 - abar_t)
+    sqrt_abar_prev: Tensor  # sqrt(abar_{t-1}), t-1 the previous step on the grid
+    sqrt_direction_var: Tensor  # sqrt(1 - abar_{t-1} - sigma_t^2), the direction to x_t
+    sigma: Tensor  # sigma_t(eta), the step's standard deviation
+
+    @classmethod
+    def build(
+        cls, scheduler: DDIMScheduler, eta: float, timesteps: Tensor, device: torch.device | str = "cpu"
+    ) -> DDIMStepTable:
+        """The rows of integer ``timesteps`` (S,) on ``scheduler``'s grid, placed on ``device``.
+
+        Raises:
+            ValueError: eta outside (0, 1], no grid, an unsupported prediction type or
+                thresholding, a timestep outside [0, N), or a step with sigma_t = 0.
+        """
+        _check_ddim_scheduler(scheduler, eta)
+        t = _batch_timesteps(scheduler, timesteps, len(timesteps))  # (S,) int64 on the CPU
+        # See formulas (12) and (16) of the DDIM paper (Song et al. 2021, arXiv 2010.02502).
+        # Notation (<variable name> -> <symbol in the paper>):
+        # - abar_t, abar_prev -> alpha_t, alpha_{t-1} (DDIM writes the cumulative product as alpha)
+        # - sigma_t -> sigma_t(eta) of eq. (16)
+        # 1. the previous step value (= t - 1 on the inference grid)
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # (S,)
+        # 2. alphas and sigma_t(eta) of formula (16), in float64 on the CPU
+        alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)  # (N,)
+        final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).to(alphas_cumprod)
+        abar_t = alphas_cumprod[t]  # (S,)
+        abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final_alpha_cumprod)
+        beta_t, beta_prev = 1 - abar_t, 1 - abar_prev  # (S,)
+        sigma_t = eta * (beta_prev / beta_t).sqrt() * (1 - abar_t / abar_prev).sqrt()  # (S,)
+        if not bool((sigma_t > 0).all()):
+            raise ValueError(
+                f"sigma_t = 0 for timesteps {t[sigma_t <= 0].tolist()}: the step is deterministic and "
+                "has no log-density. This happens at the last step when abar_prev = 1 "
+                "(set_alpha_to_one=True); build the scheduler with set_alpha_to_one=False (as Stable "
+                "Diffusion does) or exclude that step."
+            )
+        # The direction coefficient is >= 0 for eta <= 1; clamp away float rounding below 0.
+        direction_var = (beta_prev - sigma_t**2).clamp(min=0)  # (S,)
+        abar_t, abar_prev, beta_t, sigma_t, direction_var = (
+            value.to(torch.float32) for value in (abar_t, abar_prev, beta_t, sigma_t, direction_var)
+        )
+        clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
+        return cls(
+            eta=eta,
+            prediction_type=scheduler.config.prediction_type,
+            clip_sample_range=clip,
+            sqrt_abar=abar_t.sqrt().to(device),
+            sqrt_beta=beta_t.sqrt().to(device),
+            sqrt_abar_prev=abar_prev.sqrt().to(device),
+            sqrt_direction_var=direction_var.sqrt().to(device),
+            sigma=sigma_t.to(device),
+        )
+
+    @classmethod
+    def from_scheduler(
+        cls, scheduler: DDIMScheduler, eta: float, device: torch.device | str = "cpu"
+    ) -> DDIMStepTable:
+        """The table of every step of ``scheduler``'s grid (after ``set_timesteps``): row i is
+        ``scheduler.timesteps[i]``."""
+        if scheduler.num_inference_steps is None:
+            raise ValueError("The scheduler has no timesteps: call scheduler.set_timesteps(n) first.")
+        return cls.build(scheduler, eta, scheduler.timesteps.cpu(), device)
+
+    def step(
+        self,
+        model_output: Tensor,
+        index: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        reduce: Reduce = "mean",
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`ddim_step_with_logprob` for sample b at the table's row ``index[b]`` ((B,)
+        integers; a grid's table: the step index), gathered on the table's device without reading
+        the indices back (``index_select`` refuses out-of-range ones instead of wrapping them)."""
+        _check_shapes(model_output, sample, prev_sample)
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+        rows = index.to(self.sigma.device).long()
+        scalars = (self.sqrt_abar, self.sqrt_beta, self.sqrt_abar_prev, self.sqrt_direction_var, self.sigma)
+        scalars = [value.index_select(0, rows).to(sample.device) for value in scalars]
+        sqrt_abar, sqrt_beta, sqrt_abar_prev, sqrt_direction_var, sigma_t = _broadcast(scalars, sample.ndim)
+
+        # 3. the predicted original sample x0_hat and eps_hat, "predicted x_0" of formula (12)
+        # (x0_hat -> f_theta^(t)(x_t), eps_hat -> epsilon_theta^(t)(x_t))
+        x_t, out = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
+        if self.prediction_type == "epsilon":
+            x0_hat = (x_t - sqrt_beta * out) / sqrt_abar
+            eps_hat = out
+        elif self.prediction_type == "sample":
+            x0_hat = out
+            eps_hat = (x_t - sqrt_abar * x0_hat) / sqrt_beta
+        else:  # v_prediction
+            x0_hat = sqrt_abar * x_t - sqrt_beta * out
+            eps_hat = sqrt_abar * out + sqrt_beta * x_t
+
+        # 4. clip the predicted x_0 (thresholding is rejected); eps_hat is not re-derived, as in
+        # diffusers' default use_clipped_model_output=False
+        if self.clip_sample_range is not None:
+            x0_hat = x0_hat.clamp(-self.clip_sample_range, self.clip_sample_range)
+
+        # 5. the mean of x_{t-1}: formula (12) without the noise term, i.e.
+        # sqrt(abar_prev) * x0_hat + "direction pointing to x_t"
+        mean = sqrt_abar_prev * x0_hat + sqrt_direction_var * eps_hat  # (B, ...) float32
+
+        # 6. sample x_{t-1} = mean + sigma_t * z, or take the stored one
+        if prev_sample is None:
+            noise_device = generator.device if generator is not None else sample.device
+            z = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
+            prev_sample = (mean + sigma_t * z.to(sample.device)).to(sample.dtype)  # (B, ...)
+            # Score the sample as a fixed point (what a re-score of the stored tensor sees), so the
+            # log-prob's gradient is the score-function one, and re-scoring reproduces it exactly.
+            scored = prev_sample.detach()
+        else:
+            scored = prev_sample
+
+        # 7. log pi(x_{t-1} | x_t) under N(mean, sigma_t^2), in float32
+        log_prob = gaussian_log_prob(scored, mean, sigma_t, reduce=reduce)  # (B,)
+        return prev_sample, log_prob
 
 
 # Adapted from diffusers 0.42.1 DDIMScheduler.step: same math, plus per-sample t and log-probs.
@@ -154,7 +314,9 @@ def ddim_step_with_logprob(
     re-scores the given ``prev_sample`` (training). Gradients flow from ``log_prob`` back to
     ``model_output`` through the mean; a sampled x_{t-1} is held fixed inside the log-prob (as a
     stored one is), so both modes give the same score-function gradient. Matches
-    ``DDIMScheduler.step(..., use_clipped_model_output=False)`` given the same noise.
+    ``DDIMScheduler.step(..., use_clipped_model_output=False)`` given the same noise. Checks
+    every input on the host at each call; the pipelines step through a :class:`DDIMStepTable` of
+    their grid instead (same numbers, nothing read back from the device).
 
     Args:
         scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` has been called; only its
@@ -180,82 +342,12 @@ def ddim_step_with_logprob(
         ValueError: eta <= 0 or > 1, unsupported prediction type, thresholding, shape
             mismatches, timesteps out of range, or a step with sigma_t = 0.
     """
-    _check_ddim_inputs(scheduler, model_output, sample, eta, prev_sample, reduce)
-
-    # See formulas (12) and (16) of the DDIM paper (Song et al. 2021, arXiv 2010.02502).
-    # Notation (<variable name> -> <symbol in the paper>):
-    # - abar_t, abar_prev -> alpha_t, alpha_{t-1} (DDIM writes the cumulative product as alpha)
-    # - eps_hat -> epsilon_theta^(t)(x_t)
-    # - x0_hat -> f_theta^(t)(x_t), the "predicted x_0" of eq. (12)
-    # - sigma_t -> sigma_t(eta) of eq. (16)
-    # - mean -> eq. (12) without its "random noise" term; prev_sample -> x_{t-1}
-
-    # 1. get the previous step value (= t - 1 on the inference grid), per sample
-    t = _batch_timesteps(scheduler, timestep, sample.shape[0])  # (B,)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # (B,)
-
-    # 2. compute alphas and sigma_t(eta) of formula (16), per sample. These B scalars are computed
-    # in float64 on CPU: 1 - abar_t/abar_prev cancels catastrophically in float32 near t = 0.
-    alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)  # (N,)
-    final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).to(alphas_cumprod)
-    abar_t = alphas_cumprod[t]  # (B,)
-    abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final_alpha_cumprod)
-    beta_t, beta_prev = 1 - abar_t, 1 - abar_prev  # (B,)
-    sigma_t = eta * (beta_prev / beta_t).sqrt() * (1 - abar_t / abar_prev).sqrt()  # (B,)
-    if not bool((sigma_t > 0).all()):
-        raise ValueError(
-            f"sigma_t = 0 for timesteps {t[sigma_t <= 0].tolist()}: the step is deterministic and "
-            "has no log-density. This happens at the last step when abar_prev = 1 "
-            "(set_alpha_to_one=True); build the scheduler with set_alpha_to_one=False (as Stable "
-            "Diffusion does) or exclude that step."
-        )
-    # The direction coefficient is >= 0 for eta <= 1; clamp away float rounding below 0.
-    direction_var = (beta_prev - sigma_t**2).clamp(min=0)  # (B,)
-
-    # Broadcast the per-sample scalars to the sample's shape, float32 on its device.
-    view = (-1,) + (1,) * (sample.ndim - 1)
-    abar_t, abar_prev, beta_t, sigma_t, direction_var = (
-        v.to(sample.device, torch.float32).view(view)
-        for v in (abar_t, abar_prev, beta_t, sigma_t, direction_var)
-    )  # each (B, 1, ..., 1)
-
-    # 3. compute the predicted original sample x0_hat and eps_hat, "predicted x_0" of formula (12)
-    x_t, out = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        x0_hat = (x_t - beta_t.sqrt() * out) / abar_t.sqrt()
-        eps_hat = out
-    elif prediction_type == "sample":
-        x0_hat = out
-        eps_hat = (x_t - abar_t.sqrt() * x0_hat) / beta_t.sqrt()
-    else:  # v_prediction
-        x0_hat = abar_t.sqrt() * x_t - beta_t.sqrt() * out
-        eps_hat = abar_t.sqrt() * out + beta_t.sqrt() * x_t
-
-    # 4. clip the predicted x_0 (thresholding was rejected above); eps_hat is not re-derived,
-    # as in diffusers' default use_clipped_model_output=False
-    if scheduler.config.clip_sample:
-        clip_range = scheduler.config.clip_sample_range
-        x0_hat = x0_hat.clamp(-clip_range, clip_range)
-
-    # 5. compute the mean of x_{t-1}: formula (12) without the noise term, i.e.
-    # sqrt(abar_prev) * x0_hat + "direction pointing to x_t"
-    mean = abar_prev.sqrt() * x0_hat + direction_var.sqrt() * eps_hat  # (B, ...) float32
-
-    # 6. sample x_{t-1} = mean + sigma_t * z, or take the stored one
-    if prev_sample is None:
-        noise_device = generator.device if generator is not None else sample.device
-        z = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
-        prev_sample = (mean + sigma_t * z.to(sample.device)).to(sample.dtype)  # (B, ...)
-        # Score the sample as a fixed point (what a re-score of the stored tensor sees), so the
-        # log-prob's gradient is the score-function one, and re-scoring reproduces it exactly.
-        scored = prev_sample.detach()
-    else:
-        scored = prev_sample
-
-    # 7. log pi(x_{t-1} | x_t) under N(mean, sigma_t^2), in float32
-    log_prob = gaussian_log_prob(scored, mean, sigma_t, reduce=reduce)  # (B,)
-    return prev_sample, log_prob
+    _check_ddim_scheduler(scheduler, eta)
+    _check_shapes(model_output, sample, prev_sample)
+    t = _batch_timesteps(scheduler, timestep, sample.shape[0])  # (B,) on the CPU
+    table = DDIMStepTable.build(scheduler, eta, t, device=sample.device)  # row b: sample b's step
+    rows = torch.arange(sample.shape[0], device=sample.device)
+    return table.step(model_output, rows, sample, prev_sample, generator, reduce=reduce)
 
 
 def flow_sigmas(
@@ -294,19 +386,9 @@ def _check_flow_inputs(
     reduce: str,
     return_log_prob: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Raises a ValueError for every input ``flow_sde_step_with_logprob`` cannot handle; returns
-    the flow times as (B,) float64 CPU tensors (sigma, sigma_next)."""
-    if not noise_level >= 0:  # also catches NaN
-        raise ValueError(f"noise_level must be >= 0 (0 = deterministic ODE), got {noise_level}.")
-    if return_log_prob and noise_level == 0:
-        raise ValueError(
-            "noise_level=0 is the deterministic Euler (ODE) step, which has no log-density: pass "
-            "return_log_prob=False to take it (evaluation), or noise_level > 0 (Flow-GRPO: 0.7)."
-        )
-    if prev_sample is not None and not return_log_prob:
-        raise ValueError("prev_sample is given only to be re-scored: keep return_log_prob=True.")
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    """Raises a ValueError for every input ``flow_sde_step_with_logprob`` cannot handle (the flow
+    times' ranges: :meth:`FlowSDEStepTable.build`); returns them as (B,) float64 CPU tensors."""
+    _check_flow_step(noise_level, prev_sample, reduce, return_log_prob)
     if sample.ndim < 2:
         raise ValueError(f"sample must be (B, ...) with >= 2 dims, got {tuple(sample.shape)}.")
     for name, other in (("model_output", model_output), ("prev_sample", prev_sample)):
@@ -319,18 +401,138 @@ def _check_flow_inputs(
             f"sigma and sigma_next must be scalars or of shape (B,) = ({batch},), got "
             f"{tuple(s.shape)} and {tuple(s_next.shape)}."
         )
-    s, s_next = s.expand(batch), s_next.expand(batch)
-    if not bool(((s > 0) & (s <= 1)).all()):  # also catches NaN
+    return s.expand(batch), s_next.expand(batch)
+
+
+def _check_flow_step(noise_level: float, prev_sample: Tensor | None, reduce: str, return_log_prob: bool) -> None:
+    """Raises a ValueError for a noise level, reduction or mode the flow step cannot take."""
+    if not noise_level >= 0:  # also catches NaN
+        raise ValueError(f"noise_level must be >= 0 (0 = deterministic ODE), got {noise_level}.")
+    if return_log_prob and noise_level == 0:
         raise ValueError(
-            f"sigma must lie in (0, 1] (the flow time, 1 = pure noise), got {s.tolist()}; pass "
-            "scheduler.sigmas[i] (see flow_sigmas), not scheduler.timesteps[i] = 1000 * sigma."
+            "noise_level=0 is the deterministic Euler (ODE) step, which has no log-density: pass "
+            "return_log_prob=False to take it (evaluation), or noise_level > 0 (Flow-GRPO: 0.7)."
         )
-    if not bool(((s_next >= 0) & (s_next < s)).all()):
-        raise ValueError(
-            f"sigma_next must lie in [0, sigma) (steps go from noise toward data; a zero-length "
-            f"step has std 0), got sigma={s.tolist()}, sigma_next={s_next.tolist()}."
+    if prev_sample is not None and not return_log_prob:
+        raise ValueError("prev_sample is given only to be re-scored: keep return_log_prob=True.")
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSDEStepTable:
+    """The per-step scalars of the flow SDE for a sequence of steps sigma_i -> sigma_next_i.
+
+    Each field is an (S,) float32 tensor indexed by the step i, all on one device. They are
+    computed once in float64 on the CPU (so dt rounds to the very float32 dt diffusers uses) and
+    then cast, so a step at device-resident step indices is only a gather: no read back to the
+    host, no copy to the device, and the same numbers as :func:`flow_sde_step_with_logprob`.
+
+    Build it from a scheduler's grid with :meth:`from_scheduler` (a pipeline keeps one per
+    grid, noise level and device) or from any flow times with :meth:`build`; step with
+    :meth:`step`.
+    """
+
+    noise_level: float
+    dt: Tensor  # sigma_next - sigma < 0
+    drift_coef: Tensor  # sigma_t^2 / (2 sigma), sigma_t = a sqrt(sigma / (1 - sigma)) (guarded at 1)
+    std: Tensor  # sigma_t sqrt(|dt|), the step's standard deviation
+    one_minus_sigma: Tensor  # 1 - sigma
+
+    @classmethod
+    def build(
+        cls, sigma: Tensor, sigma_next: Tensor, noise_level: float, device: torch.device | str = "cpu"
+    ) -> FlowSDEStepTable:
+        """The table of the steps ``sigma`` -> ``sigma_next`` ((S,) each), placed on ``device``.
+
+        Raises:
+            ValueError: noise_level < 0, flow times outside 0 <= sigma_next < sigma <= 1, or (with
+                noise) a step whose std underflows float32.
+        """
+        if not noise_level >= 0:  # also catches NaN
+            raise ValueError(f"noise_level must be >= 0 (0 = deterministic ODE), got {noise_level}.")
+        s, s_next = (torch.as_tensor(v).to("cpu", torch.float64) for v in (sigma, sigma_next))
+        if not bool(((s > 0) & (s <= 1)).all()):  # also catches NaN
+            raise ValueError(
+                f"sigma must lie in (0, 1] (the flow time, 1 = pure noise), got {s.tolist()}; pass "
+                "scheduler.sigmas[i] (see flow_sigmas), not scheduler.timesteps[i] = 1000 * sigma."
+            )
+        if not bool(((s_next >= 0) & (s_next < s)).all()):
+            raise ValueError(
+                f"sigma_next must lie in [0, sigma) (steps go from noise toward data; a zero-length "
+                f"step has std 0), got sigma={s.tolist()}, sigma_next={s_next.tolist()}."
+            )
+        # The marginal-preserving SDE of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470, "ODE to SDE"):
+        # dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw from t = 1 to 0, by Euler-Maruyama.
+        # Notation (<variable name> -> <symbol in the paper>):
+        # - s, s_next -> t, t + dt (dt < 0); a -> noise_level
+        # - std_t -> sigma_t = a sqrt(t / (1 - t)); std -> sigma_t sqrt(|dt|)
+        # The per-step scalars: dt, sigma_t with the sigma = 1 guard, sigma_t^2/(2t), the std
+        dt = s_next - s  # (S,) < 0
+        std_t = noise_level * (s / torch.where(s >= 1, 1 - s_next, 1 - s)).sqrt()  # (S,)
+        drift_coef = std_t**2 / (2 * s)  # (S,)
+        std = std_t * (-dt).sqrt()  # (S,)
+        if noise_level > 0 and not bool((std.float() > 0).all()):
+            raise ValueError(f"The step's std {std.tolist()} underflows float32: no log-density.")
+        dt, drift_coef, std, one_minus_s = (
+            value.to(device, torch.float32) for value in (dt, drift_coef, std, 1 - s)
         )
-    return s, s_next
+        return cls(noise_level, dt, drift_coef, std, one_minus_s)
+
+    @classmethod
+    def from_scheduler(
+        cls, scheduler: FlowMatchEulerDiscreteScheduler, noise_level: float, device: torch.device | str = "cpu"
+    ) -> FlowSDEStepTable:
+        """The table of every step of ``scheduler``'s grid (after ``set_timesteps``)."""
+        if getattr(scheduler, "num_inference_steps", None) is None:
+            raise ValueError("The scheduler has no sampling grid: call set_timesteps(n) first.")
+        sigmas = scheduler.sigmas.to("cpu", torch.float32)  # (S + 1,), ends with 0
+        return cls.build(sigmas[:-1], sigmas[1:], noise_level, device)
+
+    def step(
+        self,
+        model_output: Tensor,
+        step_index: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        reduce: Reduce = "mean",
+        return_log_prob: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:func:`flow_sde_step_with_logprob` at (B,) integer ``step_index`` on the table's
+        device, without reading the indices back (index_select refuses out-of-range ones)."""
+        _check_flow_step(self.noise_level, prev_sample, reduce, return_log_prob)
+        _check_shapes(model_output, sample, prev_sample)
+        index = step_index.to(self.dt.device).long()
+        scalars = (self.dt, self.drift_coef, self.std, self.one_minus_sigma)
+        scalars = [value.index_select(0, index).to(sample.device) for value in scalars]
+        dt, drift_coef, std, one_minus_s = _broadcast(scalars, sample.ndim)  # each (B, 1, ..., 1)
+
+        # 2. the mean x + [v + sigma_t^2/(2t) eps_hat] dt (x + v dt, the Euler step, when a = 0),
+        # with eps_hat = x + (1 - t) v the predicted noise: sigma_t^2/(2t) eps_hat is -sigma_t^2/2
+        # times the score -eps_hat / t, the term that keeps the ODE's marginals
+        x, v = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
+        eps_hat = x + one_minus_s * v  # (B, ...)
+        mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
+
+        # 3. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
+        if prev_sample is None:
+            next_sample = mean
+            if self.noise_level > 0:
+                device = generator.device if generator is not None else sample.device
+                z = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+                next_sample = mean + std * z.to(sample.device)
+            prev_sample = next_sample.to(sample.dtype)  # (B, ...)
+            scored = prev_sample.detach()  # a fixed point: exactly what a re-score sees
+        else:
+            scored = prev_sample
+        if not return_log_prob:
+            return prev_sample, None
+
+        # 4. log pi(x_next | x_sigma) under N(mean, std^2), in float32
+        log_prob = gaussian_log_prob(scored, mean, std, reduce=reduce)  # (B,)
+        return prev_sample, log_prob
 
 
 # Adapted from diffusers 0.42.1 FlowMatchEulerDiscreteScheduler.step (its Euler update is the
@@ -355,9 +557,10 @@ def flow_sde_step_with_logprob(
     through the mean while a sampled x_next is held fixed inside the log-prob.
 
     Design decisions:
-    - No scheduler argument: the step needs only the two flow times, which the policy looks up
-      with :func:`flow_sigmas` (any shift or custom schedule ends up in ``scheduler.sigmas``), so
-      per-sample steps come free and diffusers' stateful step counter is never touched.
+    - No scheduler argument: the step needs only the two flow times, looked up with
+      :func:`flow_sigmas` (any shift or custom schedule ends up in ``scheduler.sigmas``), so
+      per-sample steps come free and diffusers' stateful step counter is never touched. The
+      pipelines step through a :class:`FlowSDEStepTable` of their grid instead (same numbers).
     - sigma = 1 guard: std_t = a sqrt(sigma / (1 - sigma)) is infinite at sigma = 1, the first
       step. There 1 - sigma is replaced by 1 - sigma_next = |dt|, so that step's std is exactly
       ``noise_level``: the Flow-GRPO anchor's choice (it uses sigmas[1]). Only sigma == 1 is
@@ -389,47 +592,8 @@ def flow_sde_step_with_logprob(
     s, s_next = _check_flow_inputs(
         model_output, sigma, sigma_next, sample, noise_level, prev_sample, reduce, return_log_prob
     )  # (B,) float64 CPU flow times each
-
-    # The marginal-preserving SDE of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470, "ODE to SDE"):
-    # dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw from t = 1 to 0, by Euler-Maruyama.
-    # Notation (<variable name> -> <symbol in the paper>):
-    # - s, s_next -> t, t + dt (dt < 0); x -> x_t; v -> v_theta(x_t, t); a -> noise_level
-    # - std_t -> sigma_t = a sqrt(t / (1 - t)); std -> sigma_t sqrt(|dt|); prev_sample -> x_{t+dt}
-    # - eps_hat = x + (1 - t) v, the predicted noise: sigma_t^2/(2t) eps_hat is -sigma_t^2/2 times
-    #   the score -eps_hat / t, the term that keeps the ODE's marginals
-
-    # 1. per-sample scalars in float64 on CPU, like the DDIM kernel's (dt then rounds to the very
-    # float32 dt diffusers uses): dt, sigma_t with the sigma = 1 guard, sigma_t^2/(2t), the std
-    dt = s_next - s  # (B,) < 0
-    std_t = noise_level * (s / torch.where(s >= 1, 1 - s_next, 1 - s)).sqrt()  # (B,)
-    drift_coef = std_t**2 / (2 * s)  # (B,)
-    std = std_t * (-dt).sqrt()  # (B,)
-    if return_log_prob and not bool((std.float() > 0).all()):
-        raise ValueError(f"The step's std {std.tolist()} underflows float32: no log-density.")
-    view = (-1,) + (1,) * (sample.ndim - 1)
-    dt, drift_coef, std, one_minus_s = (
-        value.to(sample.device, torch.float32).view(view) for value in (dt, drift_coef, std, 1 - s)
-    )  # each (B, 1, ..., 1)
-
-    # 2. the mean x + [v + sigma_t^2/(2t) eps_hat] dt (x + v dt, the Euler step, when a = 0)
-    x, v = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
-    eps_hat = x + one_minus_s * v  # (B, ...)
-    mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
-
-    # 3. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
-    if prev_sample is None:
-        next_sample = mean
-        if noise_level > 0:
-            device = generator.device if generator is not None else sample.device
-            z = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
-            next_sample = mean + std * z.to(sample.device)
-        prev_sample = next_sample.to(sample.dtype)  # (B, ...)
-        scored = prev_sample.detach()  # a fixed point: exactly what a re-score sees
-    else:
-        scored = prev_sample
-    if not return_log_prob:
-        return prev_sample, None
-
-    # 4. log pi(x_next | x_sigma) under N(mean, std^2), in float32
-    log_prob = gaussian_log_prob(scored, mean, std, reduce=reduce)  # (B,)
-    return prev_sample, log_prob
+    table = FlowSDEStepTable.build(s, s_next, noise_level, device=sample.device)  # row b: sample b
+    rows = torch.arange(sample.shape[0], device=sample.device)
+    return table.step(
+        model_output, rows, sample, prev_sample, generator, reduce=reduce, return_log_prob=return_log_prob
+    )

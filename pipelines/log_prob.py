@@ -126,12 +126,29 @@ class LogProbMixin:
         log-prob. ``stochasticity`` is DDIM's eta or the flow SDE's noise level."""
         raise NotImplementedError
 
+    def build_step_table(self, stochasticity: float, device: torch.device):
+        """The per-step scalars of the sampler on the current grid at ``stochasticity``, on
+        ``device`` (:class:`~pipelines.kernels.DDIMStepTable` or
+        :class:`~pipelines.kernels.FlowSDEStepTable`), indexed by step index."""
+        raise NotImplementedError
+
     def set_sampling_timesteps(self, num_inference_steps: int, resolution: int) -> None:
         """Puts :attr:`scheduler` (the sampler's) on the grid of ``num_inference_steps`` steps
         for images of ``resolution`` pixels a side (once: again only when either changes)."""
         if self._sampling_grid != (num_inference_steps, resolution):
             self._set_grid(num_inference_steps, resolution)
             self._sampling_grid = (num_inference_steps, resolution)
+            self._step_tables = {}
+
+    def step_table(self, stochasticity: float):
+        """The grid's step table at ``stochasticity`` on :attr:`sampling_device`, built once per
+        grid, stochasticity and device: a transition then only gathers its rows on the device,
+        with no read back to the host (which would stall a GPU at every step)."""
+        tables = self.__dict__.setdefault("_step_tables", {})  # emptied when the grid changes
+        key = (stochasticity, self.sampling_device)
+        if key not in tables:
+            tables[key] = self.build_step_table(stochasticity, self.sampling_device)
+        return tables[key]
 
     def _set_grid(self, num_inference_steps: int, resolution: int) -> None:
         self.scheduler.set_timesteps(num_inference_steps, device=self.sampling_device)

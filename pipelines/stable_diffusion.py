@@ -2,7 +2,8 @@
 
 The sampler is DDIM with noise scale ``eta`` (DDIM's own schedule of the pipeline's training
 betas, whatever scheduler the model ships with); one step's log-probability is that of the
-Gaussian DDIM draws from, computed by :func:`pipelines.kernels.ddim_step_with_logprob`, which
+Gaussian DDIM draws from, computed as :func:`pipelines.kernels.ddim_step_with_logprob` does
+(through the grid's :class:`~pipelines.kernels.DDIMStepTable`, built once on the device), which
 also re-scores a stored step. Epsilon-, v- and sample-prediction models all work::
 
     from pipelines import StableDiffusionLogProbPipeline
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from pipelines.kernels import ddim_step_with_logprob
+from pipelines.kernels import DDIMStepTable
 from pipelines.log_prob import LogProbMixin, LogProbPipelineOutput
 
 Tensor = torch.Tensor
@@ -56,16 +57,11 @@ class DDIMLogProbMixin(LogProbMixin):
         prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        # DDIM reads the timestep itself; its init_noise_sigma is 1, so the noise needs no scaling.
-        return ddim_step_with_logprob(
-            self.scheduler,
-            model_output,
-            timesteps,
-            latents,
-            eta=stochasticity,
-            prev_sample=prev_latents,
-            generator=generator,
-        )
+        # DDIM's init_noise_sigma is 1, so the noise needs no scaling.
+        return self.step_table(stochasticity).step(model_output, step_index, latents, prev_latents, generator)
+
+    def build_step_table(self, stochasticity: float, device: torch.device) -> DDIMStepTable:
+        return DDIMStepTable.from_scheduler(self.scheduler, stochasticity, device)
 
     @torch.no_grad()
     def __call__(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from pipelines.kernels import flow_sde_step_with_logprob, flow_sigmas
+from pipelines.kernels import FlowSDEStepTable, flow_sde_step_with_logprob, flow_sigmas
 
 SHAPE = (3, 4, 8, 8)  # (B, C, h, w): a tiny latent batch
 NUM_STEPS = 10
@@ -231,3 +231,25 @@ def test_sde_preserves_the_flow_marginals_of_a_point_mass() -> None:
             assert abs(x.mean().item() - (1 - s) * x0) < 0.08 * s
             assert abs(x.std().item() / s - 1) < 0.08
     assert abs(x.mean().item() - x0) < 0.01 and x.std().item() < 0.02
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_grid_table_steps_exactly_as_the_kernel(shift: float) -> None:
+    """A step through the grid's table (scalars computed once, then gathered by step index)
+    draws and re-scores bit for bit what the per-call kernel does at the same flow times, the
+    guarded first step (sigma = 1) and the last (sigma_next = 0) included."""
+    scheduler = make_scheduler(shift)
+    table = FlowSDEStepTable.from_scheduler(scheduler, A)
+    model_output, sample, _ = random_inputs()
+    index = torch.tensor([0, 4, NUM_STEPS - 1])
+    sigma, sigma_next = flow_sigmas(scheduler, index)
+    drawn, log_prob = table.step(model_output, index, sample, generator=torch.Generator().manual_seed(3))
+    expected, expected_log_prob = flow_sde_step_with_logprob(
+        model_output, sigma, sigma_next, sample, A, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(drawn, expected) and torch.equal(log_prob, expected_log_prob)
+    rescored = table.step(model_output, index, sample, prev_sample=drawn, reduce="sum")[1]
+    expected = flow_sde_step_with_logprob(model_output, sigma, sigma_next, sample, A, drawn, reduce="sum")[1]
+    assert torch.equal(rescored, expected)
+    ode = FlowSDEStepTable.from_scheduler(scheduler, 0.0).step(model_output, index, sample, return_log_prob=False)
+    assert torch.equal(ode[0], flow_sde_step_with_logprob(model_output, sigma, sigma_next, sample, 0.0, return_log_prob=False)[0])

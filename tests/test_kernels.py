@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pipelines.kernels import ddim_step_with_logprob, gaussian_log_prob
+from pipelines.kernels import DDIMStepTable, ddim_step_with_logprob, gaussian_log_prob
 
 SHAPE = (3, 4, 8, 8)  # (B, C, h, w): a tiny latent batch
 NUM_STEPS = 10
@@ -219,8 +219,34 @@ def test_invalid_inputs_raise() -> None:
 
 
 def test_deterministic_last_step_raises() -> None:
-    """set_alpha_to_one=True makes abar_prev = 1 at the last step, so sigma_t = 0: no density."""
+    """set_alpha_to_one=True makes abar_prev = 1 at the last step, so sigma_t = 0: no density.
+    The grid's step table refuses it when it is built, before any sampling."""
     scheduler = make_scheduler(set_alpha_to_one=True)
     model_output, sample = random_inputs()
     with pytest.raises(ValueError, match="set_alpha_to_one=False"):
         ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[-1], sample)
+    with pytest.raises(ValueError, match="set_alpha_to_one=False"):
+        DDIMStepTable.from_scheduler(scheduler, eta=1.0)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "clip_sample"), [("epsilon", False), ("v_prediction", False), ("sample", True)]
+)
+def test_the_grid_table_steps_exactly_as_the_kernel(prediction_type: str, clip_sample: bool) -> None:
+    """A step through the grid's table (scalars computed once, then gathered by step index)
+    draws and re-scores bit for bit what the per-call kernel does at the same timesteps."""
+    scheduler = make_scheduler(prediction_type, clip_sample)
+    table = DDIMStepTable.from_scheduler(scheduler, eta=0.8)
+    model_output, sample = random_inputs()
+    index = torch.tensor([0, 4, NUM_STEPS - 1])  # first, middle and last step, one per sample
+    timesteps = scheduler.timesteps[index]
+    drawn, log_prob = table.step(model_output, index, sample, generator=torch.Generator().manual_seed(3))
+    expected, expected_log_prob = ddim_step_with_logprob(
+        scheduler, model_output, timesteps, sample, eta=0.8, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(drawn, expected) and torch.equal(log_prob, expected_log_prob)
+    rescored = table.step(model_output, index, sample, prev_sample=drawn, reduce="sum")[1]
+    expected = ddim_step_with_logprob(scheduler, model_output, timesteps, sample, 0.8, drawn, reduce="sum")[1]
+    assert torch.equal(rescored, expected)
+    with pytest.raises(IndexError):  # an index off the grid is refused, not wrapped around
+        table.step(model_output, torch.tensor([0, 1, NUM_STEPS]), sample)

@@ -84,7 +84,7 @@ def awm_loss(
     divergence: Tensor | None,
     config: AWMConfig,
     ema_divergence: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """AWM's loss at one noise level per sample.
 
     Args:
@@ -102,16 +102,16 @@ def awm_loss(
     scaled = advantages.clamp(-config.advantage_clip, config.advantage_clip) / config.advantage_clip  # (B,)
     weighted = weight_matching_loss(matching_loss, noise_level, config.weighting, config.huber_p)  # (B,)
     policy_term = (scaled * weighted).mean()  # ()
-    metrics = {"matching_loss": float(matching_loss.detach().mean()), "policy_loss": float(policy_term.detach())}
+    metrics = {"matching_loss": matching_loss.detach().mean(), "policy_loss": policy_term.detach()}
     loss = policy_term
     if divergence is not None:
         kl_term = config.beta * divergence.mean()  # ()
         loss = loss + kl_term
-        metrics["divergence"] = float(divergence.detach().mean())
+        metrics["divergence"] = divergence.detach().mean()
     if ema_divergence is not None:
         loss = loss + config.ema_beta * ema_divergence.mean()
-        metrics["ema_divergence"] = float(ema_divergence.detach().mean())
-    metrics["loss"] = float(loss.detach())
+        metrics["ema_divergence"] = ema_divergence.detach().mean()
+    metrics["loss"] = loss.detach()
     return loss, metrics
 
 

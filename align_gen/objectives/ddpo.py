@@ -49,7 +49,7 @@ class DDPOConfig(ObjectiveConfig):
 
 def ddpo_loss(
     log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, mask: Tensor | None = None
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate for one step of each sample.
 
     Args:
@@ -60,7 +60,8 @@ def ddpo_loss(
         mask: (B,) bool, False for samples whose step is not trainable (they add 0).
 
     Returns:
-        The mean loss over unmasked samples and detached statistics: approx_kl
+        The mean loss over unmasked samples and detached 0-d statistics (on the device, read
+        back by the trainer once per update): approx_kl
         (0.5 E[(log ratio)^2]), clipfrac (share of ratios outside the clip range) and ratio.
     """
     if mask is None:
@@ -73,9 +74,9 @@ def ddpo_loss(
     loss = (torch.maximum(unclipped, clipped) * weight).sum()  # ()
     with torch.no_grad():
         metrics = {
-            "approx_kl": float((0.5 * log_ratio.pow(2) * weight).sum()),
-            "clipfrac": float(((ratio - 1.0).abs() > clip_range).float().mul(weight).sum()),
-            "ratio": float((ratio * weight).sum()),
+            "approx_kl": (0.5 * log_ratio.pow(2) * weight).sum(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mul(weight).sum(),
+            "ratio": (ratio * weight).sum(),
         }
     return loss, metrics
 
@@ -111,4 +112,4 @@ class DDPO(Objective):
             loss, metrics = ddpo_loss(
                 log_prob.flatten(), old_log_prob.flatten(), advantages.flatten(), self.config.clip_range, mask.flatten()
             )
-            yield LossOutput(loss * mask.sum() / trainable, {"loss": float(loss.detach()), **metrics})
+            yield LossOutput(loss * mask.sum() / trainable, {"loss": loss.detach(), **metrics})

@@ -64,15 +64,15 @@ def rebel_residual(
 
 def rebel_loss(
     log_ratio: Tensor, other_log_ratio: Tensor, reward: Tensor, other_reward: Tensor, eta: float
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """REBEL's mean squared residual over P pairs (arguments as :func:`rebel_residual`), and
     detached statistics: the residual's and the reward gap's mean absolute values."""
     residual = rebel_residual(log_ratio, other_log_ratio, reward, other_reward, eta)  # (P,)
     loss = residual.pow(2).mean()  # ()
     metrics = {
-        "loss": float(loss.detach()),
-        "residual_abs": float(residual.detach().abs().mean()),
-        "reward_gap_abs": float((reward - other_reward).abs().mean()),
+        "loss": loss.detach(),
+        "residual_abs": residual.detach().abs().mean(),
+        "reward_gap_abs": (reward - other_reward).abs().mean(),
     }
     return loss, metrics
 

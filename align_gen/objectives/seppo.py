@@ -104,7 +104,7 @@ def anchor_sign(winner_divergence: Tensor, rule: str) -> Tensor:
 
 def seppo_loss(
     winner_divergence: Tensor, reference_divergence: Tensor, beta: float, rule: str
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SePPO's loss for a batch of (winner, reference sample) pairs.
 
     Args:
@@ -120,11 +120,11 @@ def seppo_loss(
     margin = winner_divergence - s * reference_divergence  # (B,)
     loss = -F.logsigmoid(-beta * margin).mean()
     metrics = {
-        "loss": float(loss.detach()),
-        "flip_rate": float((winner_divergence.detach() > 0).float().mean()),
-        "winner_divergence": float(winner_divergence.detach().mean()),
-        "reference_divergence": float(reference_divergence.detach().mean()),
-        "preference_accuracy": float((margin.detach() < 0).float().mean()),
+        "loss": loss.detach(),
+        "flip_rate": (winner_divergence.detach() > 0).float().mean(),
+        "winner_divergence": winner_divergence.detach().mean(),
+        "reference_divergence": reference_divergence.detach().mean(),
+        "preference_accuracy": (margin.detach() < 0).float().mean(),
     }
     return loss, metrics
 
@@ -236,7 +236,7 @@ class SePPO(Objective):
         size = len(batch)
         # Winners and reference samples go through the models as one batch of 2B with the same
         # timestep and noise for the two members of a pair.
-        pairs = batch.select(torch.arange(size).repeat(2))
+        pairs = batch.select(list(range(size)) * 2)
         t = policy.training_timesteps(size, generator).repeat(2)
         noise = policy.training_noise(size, generator)
         noise = torch.cat([noise, noise])
@@ -246,10 +246,10 @@ class SePPO(Objective):
         divergence = terms.loss - terms.reference_loss[0]  # (2B,) d(x)
         loss, metrics = seppo_loss(divergence[:size], divergence[size:], self.config.beta, self.config.sign)
         winner_loss = terms.loss[:size].mean()  # () l_theta(x_w)
-        metrics["winner_loss"] = float(winner_loss.detach())
+        metrics["winner_loss"] = winner_loss.detach()
         if self.config.sft_weight:
             loss = loss + self.config.sft_weight * winner_loss
-            metrics["loss"] = float(loss.detach())
+            metrics["loss"] = loss.detach()
         metrics["reference_step"] = float(self._reference[0])
         yield LossOutput(loss, metrics)
 

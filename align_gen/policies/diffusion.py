@@ -2,7 +2,7 @@
 
 Sampling runs :class:`~pipelines.StableDiffusionLogProbPipeline`; re-scoring runs the same
 pipeline's ``denoise`` (classifier-free guidance, written once) and ``transition``
-(:func:`pipelines.kernels.ddim_step_with_logprob`, which both draws and re-scores a step). An
+(the DDIM kernel of :mod:`pipelines.kernels`, which both draws and re-scores a step). An
 un-updated policy therefore reproduces its rollout's log-probs exactly, provided the re-scoring
 forward pass has the same batch size as sampling (float kernels differ between batch sizes by
 more than DDPO's 1e-4 clip range; the trainer keeps them equal by default).
