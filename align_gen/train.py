@@ -420,13 +420,15 @@ def update(
                     for key, value in term.metrics.items():
                         values[key].append(value)
             if (index + 1) % train_config.gradient_accumulation_steps == 0 or index + 1 == len(minibatches):
-                values["grad_norm"].append(accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm))
+                grad_norm = accelerator.clip_grad_norm_(parameters, train_config.max_grad_norm)
+                if grad_norm is not None:  # None: DeepSpeed clips inside its engine
+                    values["grad_norm"].append(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
     policy.set_training_mode(False)
     read = read_values(values)  # the update's one read back to the host
-    norms = read["grad_norm"]
+    norms = read.get("grad_norm", [])
     bad_step = next((step for step, norm in enumerate(norms) if not math.isfinite(norm)), None)
     if bad_step is not None:  # NaN loss or overflow
         raise TrainingDivergedError(

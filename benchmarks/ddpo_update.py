@@ -119,6 +119,13 @@ def parse_args() -> argparse.Namespace:
         help="the anchor's CFG: one UNet pass of 2B rows as ddpo-pytorch runs it (the faithful baseline), "
         "two passes of B rows, or both as separate rows",
     )
+    parser.add_argument(
+        "--only",
+        choices=["align-gen", "anchor"],
+        default=None,
+        help="run only this side's update, --repeats times after sampling, and report nothing: for "
+        "timing the whole process from outside (e.g. /usr/bin/time), --repeats 0 for the common part",
+    )
     return parser.parse_args()
 
 
@@ -270,10 +277,10 @@ def update_flops(
     config: RunConfig,
     accelerator: Accelerator,
 ) -> int:
-    """Model FLOPs of one update: one minibatch's first loss piece (one timestep of each sample,
-    CFG included, forward and backward) counted by FlopCounterMode, times the pieces of an
-    update (every trained timestep of every minibatch, every inner epoch). The gradient it
-    leaves is discarded."""
+    """Model FLOPs of one update: one minibatch's first loss piece (``train.steps_per_forward``
+    timesteps of each sample, CFG included, forward and backward) counted by FlopCounterMode,
+    per timestep, times every trained timestep of every minibatch and inner epoch: the same
+    count whatever the steps per forward. The gradient it leaves is discarded."""
     size = min(config.train.batch_size, len(rollouts))
     batch = rollouts.select(torch.arange(size))
     generator = torch.Generator().manual_seed(0)
@@ -286,7 +293,8 @@ def update_flops(
     piece = count_flops(one_piece)
     optimizer.zero_grad(set_to_none=True)
     trained_steps = max(1, math.ceil(rollouts.num_steps * config.objective.timestep_fraction))
-    return round(piece / size * len(rollouts) * trained_steps * config.train.inner_epochs)
+    steps_in_piece = min(config.train.steps_per_forward, trained_steps)
+    return round(piece / steps_in_piece / size * len(rollouts) * trained_steps * config.train.inner_epochs)
 
 
 def time_sides(
@@ -335,6 +343,15 @@ def main() -> None:
         lambda: collect_rollouts(policy, objective, prompts, config, generator, accelerator), device
     )
     rollouts.advantages = torch.randn(len(rollouts), generator=generator).to(device)
+    if args.only is not None:
+        if args.only == "anchor" and args.anchor_cfg == "both":
+            raise SystemExit("--only anchor times one anchor: pass --anchor-cfg batched or two-pass")
+        for _ in range(args.repeats):
+            if args.only == "align-gen":
+                update(policy, objective, optimizer, rollouts, config, generator, accelerator)
+            else:
+                anchor_update(policy, optimizer, rollouts, config, generator, accelerator, args.anchor_cfg)
+        return
     flops = update_flops(policy, objective, optimizer, rollouts, config, accelerator)
 
     sides: dict[str, Callable[[], tuple[dict[str, float], int]]] = {

@@ -119,6 +119,13 @@ ENTRIES: tuple[Entry, ...] = (
         1800,
     ),
     Entry(
+        "ddpo_sd15_lora_k10",
+        "ddpo_update.py",
+        (*DDPO_SD15, "--lora", "--compare-anchor", "--steps-per-forward", "10"),
+        "DDPO update vs the anchor loop with 10 denoising steps per forward, SD1.5, LoRA",
+        1800,
+    ),
+    Entry(
         "rebel_memory_sd15",
         "rebel_memory.py",
         (*SD15, "--lora", "--batch-size", "2", "--steps", "5", "10", "20", "50"),

@@ -121,9 +121,11 @@ class LogProbMixin:
         prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One step of the sampler at (B,) step indices / timesteps: draws the next latents
+        """One step of the sampler at (B,) step indices on the grid (``timesteps``: the same
+        steps' scheduler timesteps, as the denoiser saw them): draws the next latents
         (``prev_latents`` None) or scores the given ones; returns them and their (B,) float32
-        log-prob. ``stochasticity`` is DDIM's eta or the flow SDE's noise level."""
+        log-prob, through :meth:`step_table`. ``stochasticity`` is DDIM's eta or the flow SDE's
+        noise level."""
         raise NotImplementedError
 
     def build_step_table(self, stochasticity: float, device: torch.device):

@@ -107,6 +107,32 @@ def test_anchor_gradient_equals_align_gen_ddpo_gradient(single_thread: None) -> 
     torch.testing.assert_close(gradient(anchor("two-pass")), expected, rtol=1e-3, atol=2e-4 * scale)
 
 
+def test_update_flops_do_not_depend_on_steps_per_forward(single_thread: None) -> None:
+    """An update's model FLOPs are the same whether each forward re-scores 1, 2 or 4 denoising
+    steps (the work is the same; only the batching changes)."""
+    from align_gen.config import RunConfig, from_dict
+    from align_gen.optimizers import build_optimizer
+
+    counts = []
+    for steps_per_forward in (1, 2, 4):
+        config = from_dict(
+            RunConfig,
+            {
+                "model": {"pretrained": "align-gen:tiny-random-sd"},
+                "sample": {"num_steps": 4, "batch_size": 2, "guidance_scale": 2.0},
+                "train": {"steps_per_forward": steps_per_forward},
+            },
+        )
+        torch.manual_seed(0)
+        policy = build_policy(config.model, config.sample, "cpu")
+        policy.set_steps_per_forward(steps_per_forward)
+        rollout = policy.sample(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0))
+        rollout.advantages = torch.tensor([1.0, -0.5])
+        objective, optimizer = build_objective(config.objective), build_optimizer(policy, config.train)
+        counts.append(ddpo_update.update_flops(policy, objective, optimizer, rollout, config, Accelerator(cpu=True)))
+    assert counts[0] > 0 and counts == [counts[0]] * 3, counts
+
+
 def test_flop_counter_and_mfu_table() -> None:
     """A (4, 8) @ (8, 16) product is 2 * 4 * 8 * 16 = 1024 FLOPs; no MFU off a GPU."""
     a, b = torch.ones(4, 8), torch.ones(8, 16)
