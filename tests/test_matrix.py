@@ -25,6 +25,7 @@ OBJECTIVES = {
         "objective.reference=uniform",
         f"prompts.source={Path(__file__).resolve().parents[1] / 'configs' / 'tiny' / 'data' / 'shapes'}",
     ],
+    "diffusion_dpo": [],
 }
 MODELS = ["tiny-random-sd", "tiny-random-sd2", "tiny-random-sd3", "tiny-random-sdxl", "tiny-random-flux"]
 

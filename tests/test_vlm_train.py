@@ -22,6 +22,7 @@ OBJECTIVES = {
     "rebel": [],
     "awm": ["objective.num_timesteps=1", "objective.weighting=uniform", "objective.ema_beta=0.5"],
     "seppo": ["objective.beta=5", "objective.reference=uniform"],
+    "diffusion_dpo": ["objective.beta=5"],
 }
 TINY = [
     "sample.max_new_tokens=4",
