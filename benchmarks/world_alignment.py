@@ -1,4 +1,4 @@
-"""DDPO, REBEL, AWM and SePPO aligning the tiny world's diffusion model to the world's CLIP score.
+"""DDPO, REBEL, AWM, SePPO and Diffusion-DPO aligning the tiny world's diffusion model to the world's CLIP score.
 
 What is measured: each method trains the shipped world model (``align_gen/world/weights/sd``)
 with ``align_gen.train.train`` on its config ``configs/tiny/<method>_world_clipscore.yaml``
@@ -47,7 +47,7 @@ from align_gen.train import train
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CONFIG_NAME = "{method}_world_clipscore.yaml"
-METHODS = ("ddpo", "rebel", "awm", "seppo")
+METHODS = ("ddpo", "rebel", "awm", "seppo", "diffusion_dpo")
 
 
 def parse_args() -> argparse.Namespace:
