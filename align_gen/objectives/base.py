@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from align_gen.errors import ConfigError
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -78,3 +79,23 @@ class Objective:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)[:3]}.")
+
+
+def check_paired_run(run: RunConfig, name: str) -> None:
+    """Raises ConfigError unless the run draws pairs of samples per prompt (consecutive samples,
+    ``sample.samples_per_prompt`` even) and trains on whole pairs (``train.batch_size`` even)."""
+    if run.sample.samples_per_prompt % 2:
+        raise ConfigError(
+            f"{name} trains on pairs of samples of one prompt: sample.samples_per_prompt must be even "
+            f"(2 is usual), got {run.sample.samples_per_prompt}."
+        )
+    if run.train.batch_size % 2:
+        raise ConfigError(f"{name} trains on whole pairs: train.batch_size must be even, got {run.train.batch_size}.")
+
+
+def check_paired_batch(batch: Rollout, name: str) -> None:
+    """Raises ValueError unless ``batch`` is consecutive pairs of samples of one prompt."""
+    if len(batch) % 2:
+        raise ValueError(f"{name} needs an even minibatch of consecutive pairs, got {len(batch)} samples.")
+    if batch.prompts[0::2] != batch.prompts[1::2]:
+        raise ValueError(f"{name} pairs (consecutive samples) must share their prompt.")

@@ -35,7 +35,12 @@ import torch.nn.functional as F
 
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective, ObjectiveConfig
+from align_gen.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    check_paired_batch,
+    check_paired_run,
+)
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -94,21 +99,10 @@ class DiffusionDPO(Objective):
     config: DiffusionDPOConfig
 
     def check(self, run: RunConfig) -> None:
-        if run.sample.samples_per_prompt % 2:
-            raise ConfigError(
-                "diffusion_dpo ranks pairs of samples of one prompt: sample.samples_per_prompt must "
-                f"be even (2 is usual), got {run.sample.samples_per_prompt}."
-            )
-        if run.train.batch_size % 2:
-            raise ConfigError(
-                f"diffusion_dpo trains on whole pairs: train.batch_size must be even, got {run.train.batch_size}."
-            )
+        check_paired_run(run, "diffusion_dpo")
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
-        if len(batch) % 2:
-            raise ValueError(f"diffusion_dpo needs an even minibatch of consecutive pairs, got {len(batch)} samples.")
-        if batch.prompts[0::2] != batch.prompts[1::2]:
-            raise ValueError("diffusion_dpo pairs (consecutive samples) must share their prompt.")
+        check_paired_batch(batch, "diffusion_dpo")
         if batch.rewards is None:
             raise ValueError("diffusion_dpo ranks each pair by its rewards, which are not set on the batch.")
         pairs = len(batch) // 2

@@ -27,7 +27,12 @@ import torch
 
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective, ObjectiveConfig
+from align_gen.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    check_paired_batch,
+    check_paired_run,
+)
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -84,15 +89,7 @@ class Rebel(Objective):
     config: RebelConfig
 
     def check(self, run: RunConfig) -> None:
-        if run.sample.samples_per_prompt % 2:
-            raise ConfigError(
-                "rebel compares pairs of samples of one prompt: sample.samples_per_prompt must be "
-                f"even (2 is usual), got {run.sample.samples_per_prompt}."
-            )
-        if run.train.batch_size % 2:
-            raise ConfigError(
-                f"rebel trains on whole pairs: train.batch_size must be even, got {run.train.batch_size}."
-            )
+        check_paired_run(run, "rebel")
         if run.sample.eta <= 0:
             raise ConfigError("rebel needs a stochastic sampler: sample.eta must be > 0.")
 
@@ -103,10 +100,7 @@ class Rebel(Objective):
         return values.float()
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
-        if len(batch) % 2:
-            raise ValueError(f"rebel needs an even minibatch of consecutive pairs, got {len(batch)} samples.")
-        if batch.prompts[0::2] != batch.prompts[1::2]:
-            raise ValueError("rebel pairs (consecutive samples) must share their prompt.")
+        check_paired_batch(batch, "rebel")
         all_steps = torch.arange(batch.num_steps, device=batch.log_probs.device)
         mask = batch.step_mask.float()  # (B, T)
         targets = self._targets(batch)  # (B,)
