@@ -71,11 +71,11 @@ class FlowLogProbMixin(LogProbMixin):
         prev_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        latents, log_prob = self.step_table(stochasticity).step(
-            model_output, step_index, latents, prev_latents, generator, return_log_prob=stochasticity > 0
-        )
+        if stochasticity > 0:
+            return super().transition(model_output, latents, step_index, timesteps, stochasticity, prev_latents, generator)
         # The ODE (noise level 0) has no log-density: log-probs 0, every step masked.
-        return latents, log_prob if log_prob is not None else torch.zeros(len(latents), device=latents.device)
+        latents = self.step_table(0.0).step(model_output, step_index, latents, return_log_prob=False)[0]
+        return latents, torch.zeros(len(latents), device=latents.device)
 
     def build_step_table(self, stochasticity: float, device: torch.device) -> FlowSDEStepTable:
         return FlowSDEStepTable.from_scheduler(self.scheduler, stochasticity, device)

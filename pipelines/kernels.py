@@ -342,7 +342,6 @@ def ddim_step_with_logprob(
         ValueError: eta <= 0 or > 1, unsupported prediction type, thresholding, shape
             mismatches, timesteps out of range, or a step with sigma_t = 0.
     """
-    _check_ddim_scheduler(scheduler, eta)
     _check_shapes(model_output, sample, prev_sample)
     t = _batch_timesteps(scheduler, timestep, sample.shape[0])  # (B,) on the CPU
     table = DDIMStepTable.build(scheduler, eta, t, device=sample.device)  # row b: sample b's step
@@ -381,14 +380,11 @@ def _check_flow_inputs(
     sigma: float | Tensor,
     sigma_next: float | Tensor,
     sample: Tensor,
-    noise_level: float,
     prev_sample: Tensor | None,
-    reduce: str,
-    return_log_prob: bool,
 ) -> tuple[Tensor, Tensor]:
     """Raises a ValueError for every input ``flow_sde_step_with_logprob`` cannot handle (the flow
-    times' ranges: :meth:`FlowSDEStepTable.build`); returns them as (B,) float64 CPU tensors."""
-    _check_flow_step(noise_level, prev_sample, reduce, return_log_prob)
+    times' ranges and the noise level: :meth:`FlowSDEStepTable.build`; the mode and reduction:
+    its ``step``); returns the flow times as (B,) float64 CPU tensors."""
     if sample.ndim < 2:
         raise ValueError(f"sample must be (B, ...) with >= 2 dims, got {tuple(sample.shape)}.")
     for name, other in (("model_output", model_output), ("prev_sample", prev_sample)):
@@ -405,9 +401,8 @@ def _check_flow_inputs(
 
 
 def _check_flow_step(noise_level: float, prev_sample: Tensor | None, reduce: str, return_log_prob: bool) -> None:
-    """Raises a ValueError for a noise level, reduction or mode the flow step cannot take."""
-    if not noise_level >= 0:  # also catches NaN
-        raise ValueError(f"noise_level must be >= 0 (0 = deterministic ODE), got {noise_level}.")
+    """Raises a ValueError for a reduction or mode the flow step cannot take at ``noise_level``
+    (a table's, checked >= 0 when it was built)."""
     if return_log_prob and noise_level == 0:
         raise ValueError(
             "noise_level=0 is the deterministic Euler (ODE) step, which has no log-density: pass "
@@ -589,9 +584,7 @@ def flow_sde_step_with_logprob(
         ValueError: noise_level < 0 or = 0 with log-probs, mismatched shapes, or sigmas outside
             0 <= sigma_next < sigma <= 1.
     """
-    s, s_next = _check_flow_inputs(
-        model_output, sigma, sigma_next, sample, noise_level, prev_sample, reduce, return_log_prob
-    )  # (B,) float64 CPU flow times each
+    s, s_next = _check_flow_inputs(model_output, sigma, sigma_next, sample, prev_sample)  # (B,) float64 CPU each
     table = FlowSDEStepTable.build(s, s_next, noise_level, device=sample.device)  # row b: sample b
     rows = torch.arange(sample.shape[0], device=sample.device)
     return table.step(

@@ -126,7 +126,7 @@ class LogProbMixin:
         (``prev_latents`` None) or scores the given ones; returns them and their (B,) float32
         log-prob, through :meth:`step_table`. ``stochasticity`` is DDIM's eta or the flow SDE's
         noise level."""
-        raise NotImplementedError
+        return self.step_table(stochasticity).step(model_output, step_index, latents, prev_latents, generator)
 
     def build_step_table(self, stochasticity: float, device: torch.device):
         """The per-step scalars of the sampler on the current grid at ``stochasticity``, on

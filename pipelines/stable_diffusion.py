@@ -47,20 +47,8 @@ class DDIMLogProbMixin(LogProbMixin):
         # conv_in is never a LoRA target, so its dtype is the one inputs must be cast to.
         return self.unet.conv_in.weight.dtype
 
-    def transition(
-        self,
-        model_output: Tensor,
-        latents: Tensor,
-        step_index: Tensor,
-        timesteps: Tensor,
-        stochasticity: float,
-        prev_latents: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        # DDIM's init_noise_sigma is 1, so the noise needs no scaling.
-        return self.step_table(stochasticity).step(model_output, step_index, latents, prev_latents, generator)
-
     def build_step_table(self, stochasticity: float, device: torch.device) -> DDIMStepTable:
+        # DDIM's init_noise_sigma is 1, so the noise of a step needs no scaling.
         return DDIMStepTable.from_scheduler(self.scheduler, stochasticity, device)
 
     @torch.no_grad()
