@@ -80,6 +80,19 @@ class Policy(Protocol):
         """
         ...
 
+    def step_log_prob_and_kl(self, rollout: Rollout, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step_log_prob`'s (B, k) log-probs, and the (B, k) KL(pi_theta || pi_ref) of each
+        step's transition to the initial model's (:meth:`reference`) from the same state, both
+        WITH grad; what a KL penalty to the reference adds to a policy-gradient loss.
+
+        Diffusion: the two Gaussian steps share their std, so the KL is in closed form,
+        |mean_theta - mean_ref|^2 / (2 std^2), averaged over latent elements like the log-probs
+        (a sampler with noise: eta or noise_level > 0). VLM: the categorical KL of the token's
+        distribution at the sampling temperature, summed over the vocabulary. One more forward
+        pass of the reference model, without grad.
+        """
+        ...
+
     def matching_loss(
         self,
         rollout: Rollout,

@@ -37,6 +37,7 @@ __all__ = [
     "ddim_step_with_logprob",
     "flow_sde_step_with_logprob",
     "flow_sigmas",
+    "gaussian_kl",
     "gaussian_log_prob",
 ]
 
@@ -87,6 +88,31 @@ def gaussian_log_prob(
     if not dims:  # (B,) input: each element is its own sample; reducing over () would reduce all
         return log_prob
     return log_prob.mean(dim=dims) if reduce == "mean" else log_prob.sum(dim=dims)  # (B,)
+
+
+def gaussian_kl(mean: Tensor, reference_mean: Tensor, std: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """KL(N(mean, std^2) || N(reference_mean, std^2)) of two diagonal Gaussians with the same std,
+    in closed form, reduced per sample: (mean - reference_mean)^2 / (2 std^2) element-wise, then
+    averaged (``reduce="mean"``, the per-element convention of the log-probs) or summed (the
+    exact KL).
+
+    Args:
+        mean: (B, ...) the current model's step mean, WITH grad.
+        reference_mean: (B, ...) the reference model's step mean at the same state.
+        std: broadcastable to ``mean``'s shape, e.g. (B, 1, 1, 1); > 0 (callers check).
+
+    Returns:
+        (B,) float32 KLs.
+    """
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    if mean.shape != reference_mean.shape or mean.ndim < 2:
+        raise ValueError(
+            f"mean and reference_mean must both be (B, ...), got {tuple(mean.shape)} and {tuple(reference_mean.shape)}."
+        )
+    per_element = (mean.float() - reference_mean.float()).pow(2) / (2 * std.float().pow(2))  # (B, ...)
+    dims = tuple(range(1, mean.ndim))
+    return per_element.mean(dim=dims) if reduce == "mean" else per_element.sum(dim=dims)
 
 
 def _check_ddim_scheduler(scheduler: DDIMScheduler, eta: float) -> None:
@@ -237,22 +263,12 @@ class DDIMStepTable:
             raise ValueError("The scheduler has no timesteps: call scheduler.set_timesteps(n) first.")
         return cls.build(scheduler, eta, scheduler.timesteps.cpu(), device)
 
-    def step(
-        self,
-        model_output: Tensor,
-        index: Tensor,
-        sample: Tensor,
-        prev_sample: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        reduce: Reduce = "mean",
-    ) -> tuple[Tensor, Tensor]:
-        """:func:`ddim_step_with_logprob` for sample b at the table's row ``index[b]`` ((B,)
-        integers; a grid's table: the step index), gathered on the table's device without reading
-        the indices back (``index_select`` refuses out-of-range ones instead of wrapping them)."""
-        _check_shapes(model_output, sample, prev_sample)
-        if reduce not in _REDUCTIONS:
-            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    def mean_and_std(self, model_output: Tensor, index: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian of the step at the table's rows ``index`` ((B,) integers; a grid's table:
+        the step index) from ``sample`` x_t: its (B, ...) float32 mean, WITH grad through
+        ``model_output``, and its (B, 1, ..., 1) float32 std sigma_t, gathered on the table's
+        device without reading the indices back (``index_select`` refuses out-of-range ones
+        instead of wrapping them)."""
         rows = index.to(self.sigma.device).long()
         scalars = (self.sqrt_abar, self.sqrt_beta, self.sqrt_abar_prev, self.sqrt_direction_var, self.sigma)
         scalars = [value.index_select(0, rows).to(sample.device) for value in scalars]
@@ -279,6 +295,24 @@ class DDIMStepTable:
         # 5. the mean of x_{t-1}: formula (12) without the noise term, i.e.
         # sqrt(abar_prev) * x0_hat + "direction pointing to x_t"
         mean = sqrt_abar_prev * x0_hat + sqrt_direction_var * eps_hat  # (B, ...) float32
+        return mean, sigma_t
+
+    def step(
+        self,
+        model_output: Tensor,
+        index: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        reduce: Reduce = "mean",
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`ddim_step_with_logprob` for sample b at the table's row ``index[b]``, through
+        :meth:`mean_and_std`."""
+        _check_shapes(model_output, sample, prev_sample)
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+        mean, sigma_t = self.mean_and_std(model_output, index, sample)
 
         # 6. sample x_{t-1} = mean + sigma_t * z, or take the stored one
         if prev_sample is None:
@@ -484,21 +518,11 @@ class FlowSDEStepTable:
         sigmas = scheduler.sigmas.to("cpu", torch.float32)  # (S + 1,), ends with 0
         return cls.build(sigmas[:-1], sigmas[1:], noise_level, device)
 
-    def step(
-        self,
-        model_output: Tensor,
-        step_index: Tensor,
-        sample: Tensor,
-        prev_sample: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        reduce: Reduce = "mean",
-        return_log_prob: bool = True,
-    ) -> tuple[Tensor, Tensor | None]:
-        """:func:`flow_sde_step_with_logprob` at (B,) integer ``step_index`` on the table's
-        device, without reading the indices back (index_select refuses out-of-range ones)."""
-        _check_flow_step(self.noise_level, prev_sample, reduce, return_log_prob)
-        _check_shapes(model_output, sample, prev_sample)
+    def mean_and_std(self, model_output: Tensor, step_index: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian of the step at (B,) integer ``step_index`` from ``sample`` x_sigma: its
+        (B, ...) float32 mean, WITH grad through ``model_output``, and its (B, 1, ..., 1)
+        float32 std, gathered on the table's device without reading the indices back
+        (index_select refuses out-of-range ones)."""
         index = step_index.to(self.dt.device).long()
         scalars = (self.dt, self.drift_coef, self.std, self.one_minus_sigma)
         scalars = [value.index_select(0, index).to(sample.device) for value in scalars]
@@ -510,6 +534,24 @@ class FlowSDEStepTable:
         x, v = sample.float(), model_output.float()  # (B, ...) float32; the cast keeps the graph
         eps_hat = x + one_minus_s * v  # (B, ...)
         mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
+        return mean, std
+
+    def step(
+        self,
+        model_output: Tensor,
+        step_index: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        reduce: Reduce = "mean",
+        return_log_prob: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:func:`flow_sde_step_with_logprob` at (B,) integer ``step_index``, through
+        :meth:`mean_and_std`."""
+        _check_flow_step(self.noise_level, prev_sample, reduce, return_log_prob)
+        _check_shapes(model_output, sample, prev_sample)
+        mean, std = self.mean_and_std(model_output, step_index, sample)
 
         # 3. sample x_next = mean + std * z (the ODE draws no noise), or take the stored one
         if prev_sample is None:

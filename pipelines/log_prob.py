@@ -33,6 +33,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from pipelines.kernels import gaussian_kl
+
 Tensor = torch.Tensor
 
 
@@ -127,6 +129,24 @@ class LogProbMixin:
         log-prob, through :meth:`step_table`. ``stochasticity`` is DDIM's eta or the flow SDE's
         noise level."""
         return self.step_table(stochasticity).step(model_output, step_index, latents, prev_latents, generator)
+
+    def transition_kl(
+        self,
+        model_output: Tensor,
+        reference_output: Tensor,
+        latents: Tensor,
+        step_index: Tensor,
+        stochasticity: float,
+    ) -> Tensor:
+        """(B,) float32 KL(pi(. | x_t) || pi_ref(. | x_t)) between the sampler's Gaussian steps
+        from the same ``latents`` given two denoiser outputs (the current model's, WITH grad, and a
+        reference model's): the steps share their std, so the KL is the squared distance of the
+        means over 2 std^2 (:func:`~pipelines.kernels.gaussian_kl`, mean over elements, the
+        convention of the log-probs). Needs a stochastic sampler (``stochasticity`` > 0)."""
+        table = self.step_table(stochasticity)
+        mean, std = table.mean_and_std(model_output, step_index, latents)
+        reference_mean = table.mean_and_std(reference_output, step_index, latents)[0]
+        return gaussian_kl(mean, reference_mean, std)
 
     def build_step_table(self, stochasticity: float, device: torch.device):
         """The per-step scalars of the sampler on the current grid at ``stochasticity``, on

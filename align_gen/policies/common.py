@@ -265,10 +265,54 @@ class DenoiserPolicy(TrainableWeights):
         indices), WITH grad, through the same guidance and kernel as sampling. Every
         :attr:`steps_per_forward` columns run as one denoiser forward (their rows stacked
         column-major: c * B rows, each row's conditioning repeated)."""
+        return self._score_steps(rollout, steps, with_kl=False)[0]
+
+    def step_log_prob_and_kl(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, k) log-probs as :meth:`step_log_prob`'s and (B, k) KLs of each step's Gaussian to
+        the initial model's from the same x_t (both WITH grad; see the Policy protocol): one
+        no-grad reference forward and one current forward per piece."""
+        log_prob, kl = self._score_steps(rollout, steps, with_kl=True)
+        assert kl is not None
+        return log_prob, kl
+
+    def _score_steps(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+        """(B, k) log-probs at ``steps`` and, with ``with_kl``, (B, k) KLs to the initial model,
+        one denoiser forward per piece of :meth:`step_pieces` (and one reference forward)."""
         steps = torch.as_tensor(steps, device=self.device)
         if steps.dim() == 1:
             steps = steps.expand(len(rollout), -1)
-        return torch.cat([self._log_prob_of_columns(rollout, part) for part in self.step_pieces(steps)], dim=1)
+        pieces = [self._transitions(rollout, part) for part in self.step_pieces(steps)]
+        references = [None] * len(pieces)
+        if with_kl:  # every reference pass first: reference() may swap weights in place
+            with torch.no_grad(), self.reference():
+                references = [self._denoise(*piece[:3]) for piece in pieces]
+        log_probs, kls = [], []
+        for (latents, timesteps, conditioning, index, prev_latents), reference_output in zip(pieces, references, strict=True):
+            model_output = self._denoise(latents, timesteps, conditioning)
+            log_prob = self.sampler.transition(model_output, latents, index, timesteps, self.stochasticity, prev_latents)[1]
+            log_probs.append(log_prob.view(-1, len(rollout)).t())  # (B, c): rows were column-major
+            if reference_output is not None:
+                kl = self.sampler.transition_kl(model_output, reference_output, latents, index, self.stochasticity)
+                kls.append(kl.view(-1, len(rollout)).t())
+        return torch.cat(log_probs, dim=1), torch.cat(kls, dim=1) if with_kl else None
+
+    def _transitions(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """The stored transitions at ``steps`` (B, c) as the c * B rows of one denoiser forward
+        (stacked column-major, each row's conditioning repeated): (latents x_t, timesteps,
+        conditioning, step indices, next latents)."""
+        batch, columns = steps.shape
+        rows = torch.arange(batch, device=self.device).repeat(columns)  # (c * B,) column-major
+        index = steps.t().reshape(-1)  # (c * B,)
+        conditioning = rollout.conditioning
+        if columns > 1:
+            conditioning = {key: value.repeat(columns, *[1] * (value.dim() - 1)) for key, value in conditioning.items()}
+        return (
+            rollout.trajectory[rows, index],
+            rollout.timesteps[rows, index],
+            conditioning,
+            index,
+            rollout.trajectory[rows, index + 1],
+        )
 
     def step_pieces(self, steps: Tensor) -> tuple[Tensor, ...]:
         """``steps`` in pieces of :attr:`steps_per_forward` columns (see the Policy protocol)."""
@@ -278,21 +322,6 @@ class DenoiserPolicy(TrainableWeights):
         if steps < 1:
             raise ConfigError(f"train.steps_per_forward must be >= 1, got {steps}.")
         self.steps_per_forward = steps
-
-    def _log_prob_of_columns(self, rollout: Rollout, steps: Tensor) -> Tensor:
-        """(B, c) log-probs of the transitions at ``steps`` (B, c), in one denoiser forward."""
-        batch, columns = steps.shape
-        rows = torch.arange(batch, device=self.device).repeat(columns)  # (c * B,) column-major
-        index = steps.t().reshape(-1)  # (c * B,)
-        latents = rollout.trajectory[rows, index]  # (c * B, C, h, w)
-        timesteps = rollout.timesteps[rows, index]  # (c * B,)
-        conditioning = rollout.conditioning
-        if columns > 1:
-            conditioning = {key: value.repeat(columns, *[1] * (value.dim() - 1)) for key, value in conditioning.items()}
-        model_output = self._denoise(latents, timesteps, conditioning)
-        prev_latents = rollout.trajectory[rows, index + 1]
-        log_prob = self.sampler.transition(model_output, latents, index, timesteps, self.stochasticity, prev_latents)[1]
-        return log_prob.view(columns, batch).t()
 
     def noise_level(self, timesteps: Tensor) -> Tensor:
         """(B,) float in [0, 1]: t / N for the scheduler's ``timesteps`` (the sampler's)."""

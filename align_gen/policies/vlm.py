@@ -83,9 +83,12 @@ def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, ex
         logits: (B, T, V) the logits that predict each token.
         tokens: (B, T) token ids, -1 for padding.
     """
-    log_probs = vocabulary_log_probs(logits, temperature, excluded)
-    log_probs = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return log_probs.masked_fill(tokens < 0, 0.0)
+    return pick_tokens(vocabulary_log_probs(logits, temperature, excluded), tokens)
+
+
+def pick_tokens(log_probs: Tensor, tokens: Tensor) -> Tensor:
+    """(B, T) the (B, T, V) vocabulary ``log_probs`` of (B, T) ``tokens``; 0 where padding (-1)."""
+    return log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(tokens < 0, 0.0)
 
 
 def masked_token_mean(values: Tensor, tokens: Tensor) -> Tensor:
@@ -338,7 +341,6 @@ class VLMPolicy(TrainableWeights):
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, k) float32 log-probs of the answer tokens at ``steps`` ((k,) or (B, k) token
         positions), WITH grad; one teacher-forced pass scores them all."""
-        steps = torch.as_tensor(steps, device=self.device)
         answers = rollout.trajectory
         log_probs = token_log_probs(
             self._answer_logits(rollout.conditioning, answers),
@@ -346,9 +348,22 @@ class VLMPolicy(TrainableWeights):
             self.sample_config.temperature,
             self.excluded_tokens,
         )
-        if steps.dim() == 1:
-            return log_probs[:, steps]
-        return log_probs.gather(1, steps)
+        return _at_steps(log_probs, torch.as_tensor(steps, device=self.device))
+
+    def step_log_prob_and_kl(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, k) log-probs as :meth:`step_log_prob`'s and (B, k) KL(pi_theta || pi_ref) of each
+        token's distribution (the sampler's: at ``sample.temperature``, excluded tokens removed)
+        to the initial model's given the same prefix, summed over the vocabulary; 0 at padding.
+        Both WITH grad; one no-grad reference pass and one current pass."""
+        answers = rollout.trajectory
+        temperature = self.sample_config.temperature
+        with torch.no_grad(), self.reference():  # first: reference() may swap weights in place
+            reference = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
+        current = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
+        log_probs = pick_tokens(current, answers)  # (B, T)
+        kl = (current.exp() * (current - reference)).sum(dim=-1).masked_fill(answers < 0, 0.0)  # (B, T)
+        steps = torch.as_tensor(steps, device=self.device)
+        return _at_steps(log_probs, steps), _at_steps(kl, steps)
 
     # ----------------------------------------------------------------------------------------
     # matching losses
@@ -457,6 +472,11 @@ class VLMPolicy(TrainableWeights):
         else:
             self.model.save_pretrained(path, safe_serialization=True)
         self.processor.save_pretrained(path)
+
+
+def _at_steps(values: Tensor, steps: Tensor) -> Tensor:
+    """(B, k) columns of (B, T) per-token ``values`` at ``steps`` ((k,) shared or (B, k))."""
+    return values[:, steps] if steps.dim() == 1 else values.gather(1, steps)
 
 
 def load_lora_adapter(model: torch.nn.Module, path: str | Path) -> None:
