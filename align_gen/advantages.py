@@ -4,7 +4,10 @@ Every normaliser computes A = (r - mean) / (std + eps), clamped to [-clip, clip]
 in which rewards the mean and std come from:
 - ``per_prompt``: a running buffer of this prompt's recent rewards, as in DDPO (Black et al. 2023);
   it falls back to the whole batch's statistics until the buffer holds ``min_count`` rewards.
-- ``group``: the rewards of the same prompt in this batch only (GRPO, AWM).
+- ``group``: the rewards of the same prompt in this batch only (GRPO, AWM); with ``global_std``
+  the mean is the group's and the std the whole batch's (Flow-GRPO's and DiffusionNFT's
+  ``global_std``: a group whose samples all tie keeps A = 0 without its tiny std inflating
+  the others').
 - ``batch``: the whole batch.
 Standard deviations use the population convention (divide by n, ``unbiased=False``), so a group
 of one sample gets std 0 and advantage 0. Statistics are computed in float64; advantages are
@@ -105,6 +108,7 @@ def group_normalize(
     group_ids: Tensor | Sequence[Hashable],
     eps: float = 1e-4,
     clip: float = 5.0,
+    global_std: bool = False,
 ) -> Tensor:
     """Normalises each reward with the statistics of its group (same prompt) in this batch only.
 
@@ -115,6 +119,7 @@ def group_normalize(
         group_ids: (B,) integer tensor, or B hashables (e.g. the prompts); equal ids = one group.
         eps: added to each group's (population) std; a group of one gets A = 0.
         clip: advantages are clamped to [-clip, clip].
+        global_std: divide by the whole batch's (population) std instead of the group's.
 
     Returns:
         (B,) float32 advantages on ``rewards``' device.
@@ -133,6 +138,8 @@ def group_normalize(
     mean = (total / count)[inverse]  # (B,) each sample's group mean
     sq_dev = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, (r - mean) ** 2)
     std = (sq_dev / count).sqrt()[inverse]  # (B,) population std of each sample's group
+    if global_std:
+        std = r.std(unbiased=False).expand_as(r)  # (B,) the whole batch's
     return _standardize(rewards, mean.to(rewards.device), std.to(rewards.device), eps, clip)
 
 
@@ -271,8 +278,12 @@ class BatchNormalizer(_Stateless):
 class GroupNormalizer(_Stateless):
     """``group_normalize`` with the prompts as group ids, behind the ``AdvantageFn`` interface."""
 
+    def __init__(self, eps: float = 1e-4, clip: float = 5.0, global_std: bool = False) -> None:
+        super().__init__(eps, clip)
+        self.global_std = global_std
+
     def __call__(self, prompts: Sequence[str], rewards: Tensor) -> Tensor:
-        return group_normalize(rewards, prompts, self.eps, self.clip)
+        return group_normalize(rewards, prompts, self.eps, self.clip, self.global_std)
 
 
 _KINDS: dict[str, type] = {
@@ -283,7 +294,7 @@ _KINDS: dict[str, type] = {
 _SETTINGS: dict[str, tuple[str, ...]] = {
     "per_prompt": ("buffer_size", "min_count", "clip", "eps"),
     "batch": ("eps", "clip"),
-    "group": ("eps", "clip"),
+    "group": ("eps", "clip", "global_std"),
 }
 
 

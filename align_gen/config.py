@@ -149,6 +149,9 @@ class AdvantageConfig:
     buffer_size: int = 32  # per-prompt running buffer (anchor: 32)
     min_count: int = 16  # below this many rewards for a prompt, use batch statistics (anchor: 16)
     clip: float = 5.0  # advantages are clipped to +-clip
+    # group only: divide by the std of the whole batch's rewards instead of the group's
+    # (Flow-GRPO's and DiffusionNFT's global_std, on in their SD3.5 recipes)
+    global_std: bool = False
 
 
 @dataclasses.dataclass
@@ -251,6 +254,11 @@ class RunConfig:
         _check_positive(
             self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm", "steps_per_forward"], "train"
         )
+        if self.advantage.global_std and self.advantage.kind != "group":
+            raise ConfigError(
+                f"advantage.global_std applies to advantage.kind=group only (the group's mean over the batch's std), "
+                f"got kind={self.advantage.kind}."
+            )
         if not self.sample.noise_level >= 0:
             raise ConfigError(f"sample.noise_level must be >= 0 (0 = the ODE), got {self.sample.noise_level!r}.")
         if self.sample.batch_size % self.sample.samples_per_prompt:

@@ -171,6 +171,8 @@ def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
     advantage_settings = {"clip": config.advantage.clip}
     if config.advantage.kind == "per_prompt":
         advantage_settings.update(buffer_size=config.advantage.buffer_size, min_count=config.advantage.min_count)
+    if config.advantage.kind == "group":
+        advantage_settings.update(global_std=config.advantage.global_std)
     optimizer = build_optimizer(policy, config.train)
     objective.setup(policy, config)
     monitors = Monitors(config, policy, objective, accelerator)

@@ -177,3 +177,16 @@ def test_per_prompt_state_of_vision_language_prompts_round_trips_through_json() 
     legacy = PerPromptNormalizer(buffer_size=4, min_count=1)
     legacy.load_state_dict({"buffer_size": 4, "min_count": 1, "buffers": {"a": [1.0, 2.0]}})
     assert dict(legacy.state_dict()["buffers"]) == {"a": [1.0, 2.0]}
+
+
+def test_group_normalize_over_the_batch_std() -> None:
+    """Groups a: (1, 3) and b: (10, 10); batch mean 6, deviations (-5, -3, 4, 4), population
+    variance 66 / 4 = 16.5: A = (r - group mean) / (sqrt(16.5) + 1e-4) = (-1, 1, 0, 0) / 4.0621."""
+    from align_gen.advantages import build_advantage_fn, group_normalize
+
+    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0])
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (16.5**0.5 + 1e-4)
+    torch.testing.assert_close(group_normalize(rewards, ["a", "a", "b", "b"], global_std=True), expected)
+    torch.testing.assert_close(build_advantage_fn("group", global_std=True)(["a", "a", "b", "b"], rewards), expected)
+    own = group_normalize(rewards, ["a", "a", "b", "b"])  # each group's own std: 1 and 0
+    torch.testing.assert_close(own, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (1 + 1e-4))

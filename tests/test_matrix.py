@@ -18,6 +18,7 @@ from align_gen.train import train
 
 OBJECTIVES = {
     "ddpo": [],
+    "grpo": ["objective.beta=0.01"],
     "rebel": [],
     "awm": ["objective.num_timesteps=2", "objective.ema_beta=0.5"],
     "seppo": [

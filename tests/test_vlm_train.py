@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT / "configs" / "tiny" / "data" / "shape_questions.jsonl"
 OBJECTIVES = {
     "ddpo": ["objective.clip_range=0.2"],
+    "grpo": ["objective.clip_range=0.2", "objective.beta=0.05"],
     "rebel": [],
     "awm": ["objective.num_timesteps=1", "objective.weighting=uniform", "objective.ema_beta=0.5"],
     "seppo": ["objective.beta=5", "objective.reference=uniform"],

@@ -9,6 +9,10 @@ first fraction of that order. Approximation, as in the paper: the per-step log-p
 over latent elements, not the sum, which rescales the ratio's log by 1/(C h w).
 On a VLM a token is a step: its ratio is the token's, and since one teacher-forced pass scores
 every token, all of a minibatch's tokens form one piece (the mean over valid tokens).
+
+Option (not the anchor's): ``beta`` > 0 adds beta times each step's KL to the initial model,
+mean_{b,t} KL(pi(.|x_t,c) || pi_ref(.|x_t,c)), in closed form (Policy.step_log_prob_and_kl; one
+more, no-grad, forward pass of the reference per piece): what Flow-GRPO adds (objective grpo).
 """
 
 from __future__ import annotations
@@ -37,8 +41,13 @@ class DDPOConfig(ObjectiveConfig):
     name: str = "ddpo"
     clip_range: float = 1e-4  # PPO's eps on the ratio (anchor: 1e-4)
     timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on (anchor: 1.0)
+    # Weight of the per-step KL to the initial model (Policy.step_log_prob_and_kl) added to the
+    # loss; 0 = off (the anchor), and no reference forward pass is run.
+    beta: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.beta >= 0:
+            raise ConfigError(f"objective.beta must be >= 0 (0 = no KL penalty), got {self.beta}.")
         if self.clip_range <= 0:
             raise ConfigError(f"objective.clip_range must be > 0, got {self.clip_range}.")
         if not 0 < self.timestep_fraction <= 1:
@@ -48,9 +57,16 @@ class DDPOConfig(ObjectiveConfig):
 
 
 def ddpo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, mask: Tensor | None = None
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    mask: Tensor | None = None,
+    kl: Tensor | None = None,
+    beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate for one step of each sample.
+    """PPO's clipped surrogate for one step of each sample, plus beta times its KL to the
+    reference when ``kl`` is given.
 
     Args:
         log_prob: (B,) log pi(a|s) under the current weights, WITH grad.
@@ -58,11 +74,14 @@ def ddpo_loss(
         advantages: (B,) advantage of each sample's trajectory.
         clip_range: eps; the ratio is clipped to [1 - eps, 1 + eps].
         mask: (B,) bool, False for samples whose step is not trainable (they add 0).
+        kl: (B,) KL of each step to the reference model's (WITH grad), or None (no penalty).
+        beta: the KL's weight.
 
     Returns:
         The mean loss over unmasked samples and detached 0-d statistics (on the device, read
-        back by the trainer once per update): approx_kl
-        (0.5 E[(log ratio)^2]), clipfrac (share of ratios outside the clip range) and ratio.
+        back by the trainer once per update): approx_kl (0.5 E[(log ratio)^2]), clipfrac (share
+        of ratios outside the clip range) and its shares above and below 1, the ratio's mean,
+        policy_loss (the surrogate alone) and, with ``kl``, kl (its mean).
     """
     if mask is None:
         mask = torch.ones_like(advantages, dtype=torch.bool)
@@ -71,13 +90,22 @@ def ddpo_loss(
     ratio = torch.exp(log_ratio)  # (B,)
     unclipped = -advantages * ratio  # (B,)
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B,)
-    loss = (torch.maximum(unclipped, clipped) * weight).sum()  # ()
+    policy_loss = (torch.maximum(unclipped, clipped) * weight).sum()  # ()
+    loss = policy_loss
     with torch.no_grad():
         metrics = {
+            "policy_loss": policy_loss.detach(),
             "approx_kl": (0.5 * log_ratio.pow(2) * weight).sum(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mul(weight).sum(),
+            "clipfrac_above": (ratio - 1.0 > clip_range).float().mul(weight).sum(),
+            "clipfrac_below": (1.0 - ratio > clip_range).float().mul(weight).sum(),
             "ratio": (ratio * weight).sum(),
         }
+    if kl is not None:
+        # Masked steps (a flow sampler's sharp last step) can have huge KLs: drop, not weight, them.
+        kl_mean = (torch.where(mask, kl, 0.0) * weight).sum()  # ()
+        loss = loss + beta * kl_mean
+        metrics["kl"] = kl_mean.detach()
     return loss, metrics
 
 
@@ -105,11 +133,22 @@ class DDPO(Objective):
         # the pieces sum to the mean over all of them whatever the chunking.
         trainable = batch.step_mask.gather(1, order).sum().clamp(min=1)  # ()
         for steps in policy.step_pieces(order):  # (B, c) each
-            log_prob = policy.step_log_prob(batch, steps)  # (B, c)
+            kl = None
+            if self.config.beta > 0:
+                log_prob, kl = policy.step_log_prob_and_kl(batch, steps)  # (B, c) each
+                kl = kl.flatten()
+            else:
+                log_prob = policy.step_log_prob(batch, steps)  # (B, c)
             old_log_prob = batch.log_probs.gather(1, steps)  # (B, c)
             mask = batch.step_mask.gather(1, steps)  # (B, c)
             advantages = batch.advantages[:, None].expand_as(log_prob)  # (B, c)
             loss, metrics = ddpo_loss(
-                log_prob.flatten(), old_log_prob.flatten(), advantages.flatten(), self.config.clip_range, mask.flatten()
+                log_prob.flatten(),
+                old_log_prob.flatten(),
+                advantages.flatten(),
+                self.config.clip_range,
+                mask.flatten(),
+                kl,
+                self.config.beta,
             )
             yield LossOutput(loss * mask.sum() / trainable, {"loss": loss.detach(), **metrics})
