@@ -72,6 +72,23 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class SDEWindowConfig:
+    """Noise at a window of consecutive steps only, the deterministic step (the ODE) elsewhere,
+    and only the window's steps trained (Flow-GRPO-Fast, MixGRPO): an update costs size / T of a
+    full one. For policy-gradient objectives (ddpo, grpo) on diffusion policies."""
+
+    size: int = 0  # steps in the window; 0 = no window, every step adds noise
+    # random: a start drawn uniformly per rollout batch, the window inside the first `span` steps
+    # (Flow-GRPO-Fast: size 3 within the first 5 of 10 steps); sliding: starts at step 0 and moves
+    # `stride` steps every `shift_every` epochs, back to 0 past the end of the span (MixGRPO:
+    # size 4, stride 1 every 25 iterations, 25 steps)
+    placement: Literal["random", "sliding"] = "random"
+    span: int | None = None  # the window lies within steps [0, span); None = all sampling steps
+    stride: int = 1  # sliding: steps per move
+    shift_every: int = 1  # sliding: epochs between moves
+
+
+@dataclasses.dataclass
 class SampleConfig:
     """The stochastic sampler that produces training rollouts."""
 
@@ -92,6 +109,7 @@ class SampleConfig:
     temperature: float = 1.0  # VLM: softmax temperature of the answer sampler (> 0)
     top_p: float = 1.0  # VLM: nucleus sampling (filters sampling only); 1 = off
     top_k: int = 0  # VLM: top-k sampling (filters sampling only); 0 = off
+    sde_window: SDEWindowConfig = dataclasses.field(default_factory=SDEWindowConfig)
 
 
 @dataclasses.dataclass
@@ -254,6 +272,7 @@ class RunConfig:
         _check_positive(
             self.train, ["learning_rate", "gradient_accumulation_steps", "inner_epochs", "max_grad_norm", "steps_per_forward"], "train"
         )
+        _check_sde_window(self.sample.sde_window, self.sample.num_steps)
         if self.advantage.global_std and self.advantage.kind != "group":
             raise ConfigError(
                 f"advantage.global_std applies to advantage.kind=group only (the group's mean over the batch's std), "
@@ -281,6 +300,20 @@ class RunConfig:
                 f"train.batch_size ({self.train.batch_size}) must divide the rollouts per epoch "
                 f"per process (sample.batch_size x sample.num_batches_per_epoch = {total})."
             )
+
+
+def _check_sde_window(window: SDEWindowConfig, num_steps: int) -> None:
+    span = num_steps if window.span is None else window.span
+    if window.size < 0 or window.stride < 1 or window.shift_every < 1:
+        raise ConfigError(
+            "sample.sde_window.size must be >= 0 (0 = no window) and its stride and shift_every >= 1; got "
+            f"{window.size}, {window.stride}, {window.shift_every}."
+        )
+    if window.size and not window.size <= span <= num_steps:
+        raise ConfigError(
+            f"sample.sde_window must fit its span and the span the sampling steps: size {window.size} <= span "
+            f"{span} <= sample.num_steps {num_steps} does not hold."
+        )
 
 
 def _check_positive(section: Any, names: list[str], prefix: str = "") -> None:

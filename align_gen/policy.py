@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from align_gen.types import MatchingTerms, Rollout
+from align_gen.types import MatchingTerms, Rollout, StepScores
 
 
 @runtime_checkable
@@ -43,6 +43,7 @@ class Policy(Protocol):
         *,
         generator: torch.Generator | None = None,
         images: torch.Tensor | None = None,
+        keep_step_means: bool = False,
     ) -> Rollout:
         """Runs the stochastic sampler without grad and records trajectory and log-probs.
 
@@ -51,7 +52,17 @@ class Policy(Protocol):
             generator: makes the sample reproducible.
             images: (B, 3, H, W) in [0, 1], the input images of a VLM whose ``prompts`` are
                 strings; None for text-to-image (and for VisualPrompts, which carry their own).
+            keep_step_means: also record each step's Gaussian mean (``Rollout.step_means``;
+                diffusion only).
         """
+        ...
+
+    def sde_window(self, steps: Sequence[int] | None) -> AbstractContextManager[None]:
+        """Inside this context :meth:`sample` adds noise only at the step indices ``steps`` (a
+        window, as in Flow-GRPO-Fast and MixGRPO) and takes the deterministic step (the ODE)
+        elsewhere; only the noised steps have log-probs (``step_mask``) and they are recorded in
+        ``Rollout.sde_steps``. None: every step. Diffusion only: a VLM raises ConfigError for
+        a window."""
         ...
 
     def step_pieces(self, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -80,16 +91,23 @@ class Policy(Protocol):
         """
         ...
 
-    def step_log_prob_and_kl(self, rollout: Rollout, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`step_log_prob`'s (B, k) log-probs, and the (B, k) KL(pi_theta || pi_ref) of each
-        step's transition to the initial model's (:meth:`reference`) from the same state, both
-        WITH grad; what a KL penalty to the reference adds to a policy-gradient loss.
+    def step_scores(
+        self, rollout: Rollout, steps: torch.Tensor, *, kl: bool = False, normalized_ratio: bool = False
+    ) -> StepScores:
+        """:meth:`step_log_prob`'s (B, k) log-probs and, on request, more of each step (all
+        WITH grad; see :class:`~align_gen.types.StepScores`):
 
-        Diffusion: the two Gaussian steps share their std, so the KL is in closed form,
-        |mean_theta - mean_ref|^2 / (2 std^2), averaged over latent elements like the log-probs
-        (a sampler with noise: eta or noise_level > 0). VLM: the categorical KL of the token's
-        distribution at the sampling temperature, summed over the vocabulary. One more forward
-        pass of the reference model, without grad.
+        - ``kl``: KL(pi_theta || pi_ref) of the step's transition to the initial model's
+          (:meth:`reference`) from the same state: what a KL penalty to the reference adds to a
+          policy-gradient loss. Diffusion: the two Gaussian steps share their std, so it is in
+          closed form, |mean_theta - mean_ref|^2 / (2 std^2), averaged over latent elements like
+          the log-probs; VLM: the categorical KL of the token's distribution at the sampling
+          temperature, summed over the vocabulary. One more forward pass of the reference model
+          per piece, without grad.
+        - ``normalized_ratio`` (diffusion only; the rollout must have ``step_means``):
+          GRPO-Guard's normalised log-ratio to the sampling step.
+
+        A diffusion policy also reports each step's ``gain`` (d mean / d model output).
         """
         ...
 

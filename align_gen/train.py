@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from align_gen.advantages import build_advantage_fn
 from align_gen.builtins import resolve_folders_in
 from align_gen.checkpoint import Checkpoint, save_checkpoint, set_aside_diverged
-from align_gen.config import RunConfig
+from align_gen.config import RunConfig, SampleConfig
 from align_gen.durable import write_folder_atomic
 from align_gen.errors import (
     AlignGenError,
@@ -157,6 +157,9 @@ def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
     objective = build_objective(config.objective)
     objective.check(config)
     takes_images = is_vlm_source(config.model.pretrained)
+    objective.check_policy_kind(takes_images)
+    if takes_images and config.sample.sde_window.size:
+        raise ConfigError("sample.sde_window is for diffusion samplers; a VLM's tokens are all sampled: set its size to 0.")
     prompts = load_prompts(config.prompts.source, visual=takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, takes_images)
     evaluation_prompts = _evaluation_prompts(config, takes_images)
@@ -235,7 +238,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
     started = time.perf_counter()
 
-    rollouts = collect_rollouts(policy, run.objective, run.prompts, config, generator, accelerator)
+    rollouts = collect_rollouts(policy, run.objective, run.prompts, config, generator, accelerator, epoch=epoch)
     sampled = time.perf_counter()
 
     all_rewards = assign_rewards(run, rollouts)
@@ -353,9 +356,12 @@ def collect_rollouts(
     config: RunConfig,
     generator: torch.Generator,
     accelerator: Accelerator,
+    *,
+    epoch: int = 0,
 ) -> Rollout:
     """``sample.num_batches_per_epoch`` batches of rollouts for drawn prompts, sampled the way
-    the objective asks (the current policy, or SePPO's reference model)."""
+    the objective asks (the current policy, or SePPO's reference model), each with noise in the
+    epoch's window of steps when ``sample.sde_window`` sets one."""
     batches = []
     for _ in tqdm(
         range(config.sample.num_batches_per_epoch),
@@ -364,8 +370,26 @@ def collect_rollouts(
         disable=not accelerator.is_local_main_process,
     ):
         batch_prompts = sample_prompts(prompts, config.sample.batch_size, config.sample.samples_per_prompt, generator)
-        batches.append(objective.sample(policy, batch_prompts, generator))
+        with policy.sde_window(sde_window_steps(config.sample, epoch, generator)):
+            batches.append(objective.sample(policy, batch_prompts, generator))
     return Rollout.concatenate(batches).check_finite()
+
+
+def sde_window_steps(sample: SampleConfig, epoch: int, generator: torch.Generator) -> tuple[int, ...] | None:
+    """The steps a rollout batch of ``epoch`` adds noise at under ``sample.sde_window`` (None:
+    every step): ``size`` consecutive steps inside the first ``span``, starting at a uniform
+    draw from ``generator`` (random) or at ``stride`` x (epoch // ``shift_every``), back to 0
+    once the window would leave the span (sliding)."""
+    window = sample.sde_window
+    if not window.size:
+        return None
+    starts = (sample.num_steps if window.span is None else window.span) - window.size + 1
+    if window.placement == "random":
+        start = int(torch.randint(starts, (1,), generator=generator))
+    else:
+        positions = (starts - 1) // window.stride + 1  # 0, stride, 2 stride, ... then back to 0
+        start = (epoch // window.shift_every) % positions * window.stride
+    return tuple(range(start, start + window.size))
 
 
 @torch.no_grad()

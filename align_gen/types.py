@@ -91,6 +91,11 @@ class Rollout:
             carried through :meth:`select`, :meth:`concatenate` and :meth:`to` like every other
             field. The objective that sets a key documents it (SePPO: ``preferred``,
             ``encoded_images``); policies, the trainer and the other objectives ignore them.
+        step_means: (B, T, C, h, w) float32 mean of each step's Gaussian at sampling time, when
+            the sampler was asked to keep them (GRPO-Guard's ratio normalisation), else None.
+        sde_steps: per sample, the step indices the sampler added noise at, when it did so only
+            in a window (Flow-GRPO-Fast, MixGRPO); known on the host, so an objective can visit
+            only them without reading the device. None: every step (or a VLM's every token).
     """
 
     prompts: list[str] | list[VisualPrompt]
@@ -104,6 +109,8 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    step_means: Tensor | None = None
+    sde_steps: list[tuple[int, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -144,8 +151,10 @@ class Rollout:
             for f in dataclasses.fields(self)
         }
         fields["prompts"] = [self.prompts[i] for i in positions]
-        if self.texts is not None:
-            fields["texts"] = [self.texts[i] for i in positions]
+        for name in ("texts", "sde_steps"):
+            values = getattr(self, name)
+            if values is not None:
+                fields[name] = [values[i] for i in positions]
         return Rollout(**fields)
 
     @staticmethod
@@ -157,6 +166,9 @@ class Rollout:
         fields: dict[str, Any] = {}
         for f in dataclasses.fields(first):
             values = [getattr(r, f.name) for r in rollouts]
+            if f.name == "sde_steps" and any(value is not None for value in values):
+                # a rollout without a window noised every step
+                values = [value or [tuple(range(r.num_steps))] * len(r) for value, r in zip(values, rollouts, strict=True)]
             if values[0] is None:
                 fields[f.name] = None
             elif isinstance(values[0], Tensor):
@@ -185,6 +197,26 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, Tensor | float]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepScores:
+    """Stored steps re-scored under the current weights (:meth:`Policy.step_scores`), (B, k)
+    float32 each, for k step indices of B samples.
+
+    Attributes:
+        log_prob: log pi_theta of each stored transition, WITH grad.
+        kl: KL(pi_theta || pi_ref) of each step's transition to the initial model's from the same
+            state, WITH grad; None unless asked for.
+        normalized_log_ratio: GRPO-Guard's normalised log-ratio to the sampling step (diffusion
+            only), WITH grad; None unless asked for.
+        gain: |d mean / d model output| of each step's Gaussian kernel (diffusion; None for a VLM).
+    """
+
+    log_prob: Tensor
+    kl: Tensor | None = None
+    normalized_log_ratio: Tensor | None = None
+    gain: Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)

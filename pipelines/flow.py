@@ -61,30 +61,12 @@ class FlowLogProbMixin(LogProbMixin):
     def denoiser(self) -> torch.nn.Module:
         return self.transformer
 
-    def transition(
-        self,
-        model_output: Tensor,
-        latents: Tensor,
-        step_index: Tensor,
-        timesteps: Tensor,
-        stochasticity: float,
-        prev_latents: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        if stochasticity > 0:
-            return super().transition(model_output, latents, step_index, timesteps, stochasticity, prev_latents, generator)
-        # The ODE (noise level 0) has no log-density: log-probs 0, every step masked.
-        latents = self.step_table(0.0).step(model_output, step_index, latents, return_log_prob=False)[0]
-        return latents, torch.zeros(len(latents), device=latents.device)
-
     def build_step_table(self, stochasticity: float, device: torch.device) -> FlowSDEStepTable:
         return FlowSDEStepTable.from_scheduler(self.scheduler, stochasticity, device)
 
-    def step_mask(self, batch: int, num_steps: int, stochasticity: float) -> Tensor:
-        step_mask = torch.ones(batch, num_steps, dtype=torch.bool, device=self.sampling_device)
+    def step_mask(self, batch: int, levels: Sequence[float]) -> Tensor:
+        step_mask = super().step_mask(batch, levels)
         step_mask[:, -1] = False  # the last step's Gaussian is too sharp to train on
-        if stochasticity == 0:
-            step_mask[:] = False  # the ODE has no log-density
         return step_mask
 
     @torch.no_grad()

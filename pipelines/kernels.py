@@ -115,9 +115,12 @@ def gaussian_kl(mean: Tensor, reference_mean: Tensor, std: Tensor, reduce: Reduc
     return per_element.mean(dim=dims) if reduce == "mean" else per_element.sum(dim=dims)
 
 
-def _check_ddim_scheduler(scheduler: DDIMScheduler, eta: float) -> None:
-    """Raises a ValueError for a scheduler or eta the DDIM kernel cannot handle."""
-    if not eta > 0:  # also catches NaN
+def _check_ddim_scheduler(scheduler: DDIMScheduler, eta: float, deterministic_ok: bool = False) -> None:
+    """Raises a ValueError for a scheduler or eta the DDIM kernel cannot handle (eta = 0, the
+    deterministic DDIM, only with ``deterministic_ok``: a step table's mean without log-probs)."""
+    if deterministic_ok and eta == 0:
+        pass
+    elif not eta > 0:  # also catches NaN
         raise ValueError(
             f"log-probs need a stochastic step: eta must be > 0 (got {eta}); use eta=0 only for "
             "deterministic sampling without log-probs, via the scheduler itself."
@@ -210,11 +213,14 @@ class DDIMStepTable:
     ) -> DDIMStepTable:
         """The rows of integer ``timesteps`` (S,) on ``scheduler``'s grid, placed on ``device``.
 
+        eta = 0 builds the deterministic DDIM's table: its steps have sigma_t = 0 and no
+        log-density, so only :meth:`mean_and_std` (the step itself) may be used.
+
         Raises:
-            ValueError: eta outside (0, 1], no grid, an unsupported prediction type or
-                thresholding, a timestep outside [0, N), or a step with sigma_t = 0.
+            ValueError: eta outside [0, 1], no grid, an unsupported prediction type or
+                thresholding, a timestep outside [0, N), or (eta > 0) a step with sigma_t = 0.
         """
-        _check_ddim_scheduler(scheduler, eta)
+        _check_ddim_scheduler(scheduler, eta, deterministic_ok=True)
         t = _batch_timesteps(scheduler, timesteps, len(timesteps))  # (S,) int64 on the CPU
         # See formulas (12) and (16) of the DDIM paper (Song et al. 2021, arXiv 2010.02502).
         # Notation (<variable name> -> <symbol in the paper>):
@@ -229,7 +235,7 @@ class DDIMStepTable:
         abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final_alpha_cumprod)
         beta_t, beta_prev = 1 - abar_t, 1 - abar_prev  # (S,)
         sigma_t = eta * (beta_prev / beta_t).sqrt() * (1 - abar_t / abar_prev).sqrt()  # (S,)
-        if not bool((sigma_t > 0).all()):
+        if eta > 0 and not bool((sigma_t > 0).all()):
             raise ValueError(
                 f"sigma_t = 0 for timesteps {t[sigma_t <= 0].tolist()}: the step is deterministic and "
                 "has no log-density. This happens at the last step when abar_prev = 1 "
@@ -297,6 +303,20 @@ class DDIMStepTable:
         mean = sqrt_abar_prev * x0_hat + sqrt_direction_var * eps_hat  # (B, ...) float32
         return mean, sigma_t
 
+    def output_gain(self, index: Tensor) -> Tensor:
+        """(B,) float32 |d mean / d model_output| of the steps at rows ``index``: the mean is
+        affine in the model's output (x0 clipping aside), with this slope for every element."""
+        rows = index.to(self.sigma.device).long()
+        scalars = (self.sqrt_abar, self.sqrt_beta, self.sqrt_abar_prev, self.sqrt_direction_var)
+        sqrt_abar, sqrt_beta, sqrt_abar_prev, sqrt_direction_var = (value.index_select(0, rows) for value in scalars)
+        if self.prediction_type == "epsilon":  # x0_hat = (x - sqrt_beta out) / sqrt_abar, eps_hat = out
+            gain = sqrt_direction_var - sqrt_abar_prev * sqrt_beta / sqrt_abar
+        elif self.prediction_type == "sample":  # x0_hat = out, eps_hat = (x - sqrt_abar out) / sqrt_beta
+            gain = sqrt_abar_prev - sqrt_direction_var * sqrt_abar / sqrt_beta
+        else:  # v: x0_hat = sqrt_abar x - sqrt_beta out, eps_hat = sqrt_abar out + sqrt_beta x
+            gain = sqrt_direction_var * sqrt_abar - sqrt_abar_prev * sqrt_beta
+        return gain.abs()
+
     def step(
         self,
         model_output: Tensor,
@@ -309,6 +329,8 @@ class DDIMStepTable:
     ) -> tuple[Tensor, Tensor]:
         """:func:`ddim_step_with_logprob` for sample b at the table's row ``index[b]``, through
         :meth:`mean_and_std`."""
+        if self.eta == 0:
+            raise ValueError("the deterministic DDIM (eta 0) has no log-density: take its step with mean_and_std.")
         _check_shapes(model_output, sample, prev_sample)
         if reduce not in _REDUCTIONS:
             raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
@@ -377,6 +399,7 @@ def ddim_step_with_logprob(
             mismatches, timesteps out of range, or a step with sigma_t = 0.
     """
     _check_shapes(model_output, sample, prev_sample)
+    _check_ddim_scheduler(scheduler, eta)  # the table also builds eta = 0, which has no log-prob
     t = _batch_timesteps(scheduler, timestep, sample.shape[0])  # (B,) on the CPU
     table = DDIMStepTable.build(scheduler, eta, t, device=sample.device)  # row b: sample b's step
     rows = torch.arange(sample.shape[0], device=sample.device)
@@ -535,6 +558,13 @@ class FlowSDEStepTable:
         eps_hat = x + one_minus_s * v  # (B, ...)
         mean = x + (v + drift_coef * eps_hat) * dt  # (B, ...) float32
         return mean, std
+
+    def output_gain(self, step_index: Tensor) -> Tensor:
+        """(B,) float32 |d mean / d v| of the steps at ``step_index``: (1 + sigma_t^2 (1 - sigma)
+        / (2 sigma)) |dt|, i.e. (1 + a^2 / 2) |dt| except at sigma = 1, where it is |dt|."""
+        index = step_index.to(self.dt.device).long()
+        dt, drift_coef, one_minus_s = (value.index_select(0, index) for value in (self.dt, self.drift_coef, self.one_minus_sigma))
+        return ((1 + drift_coef * one_minus_s) * dt).abs()
 
     def step(
         self,

@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from pipelines.kernels import gaussian_kl
+from pipelines.kernels import gaussian_kl, gaussian_log_prob
 
 Tensor = torch.Tensor
 
@@ -53,9 +53,11 @@ class LogProbPipelineOutput:
         log_probs: (B, T) float32 log p(x_{t-1} | x_t, c) of each step (mean over the latent's
             elements), 0 where a step has no density.
         step_mask: (B, T) bool: the steps with a usable log-density (a flow sampler's last step,
-            and every step of the deterministic ODE, have none).
+            and every deterministic step, have none).
         conditioning: the tensors the denoiser was conditioned on, batch first (and their
             ``negative_`` twins under guidance): what re-scoring the steps needs.
+        step_means: (B, T, C, h, w) float32 mean of each step's Gaussian, when the call was asked
+            to keep them (``keep_step_means``), else None.
     """
 
     images: Tensor
@@ -64,6 +66,29 @@ class LogProbPipelineOutput:
     log_probs: Tensor
     step_mask: Tensor
     conditioning: dict[str, Tensor]
+    step_means: Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionScores:
+    """What re-scoring stored transitions under the current model gives, (B,) each, float32.
+
+    Attributes:
+        log_prob: log pi_theta(x_{t-1} | x_t), WITH grad (the sampling call's numbers when the
+            model is unchanged).
+        kl: KL(pi_theta(. | x_t) || pi_ref(. | x_t)) to a reference model's step from the same
+            x_t, in closed form (the two Gaussians share their std), WITH grad; None unless a
+            reference output was given.
+        normalized_log_ratio: GRPO-Guard's log-ratio to the sampling step, s (log pi_theta -
+            log pi_old + mean|mu_theta - mu_old|^2 / (2 s^2)) = mean((x_{t-1} - mu_old) / s *
+            (mu_theta - mu_old)), WITH grad; None unless the sampling step's mean was given.
+        gain: |d mu / d model output| of each step's kernel (no grad).
+    """
+
+    log_prob: Tensor
+    kl: Tensor | None
+    normalized_log_ratio: Tensor | None
+    gain: Tensor
 
 
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
@@ -127,26 +152,45 @@ class LogProbMixin:
         steps' scheduler timesteps, as the denoiser saw them): draws the next latents
         (``prev_latents`` None) or scores the given ones; returns them and their (B,) float32
         log-prob, through :meth:`step_table`. ``stochasticity`` is DDIM's eta or the flow SDE's
-        noise level."""
-        return self.step_table(stochasticity).step(model_output, step_index, latents, prev_latents, generator)
+        noise level; at 0 the step is deterministic (the ODE: the Gaussian's mean), with no
+        log-density (log-probs 0)."""
+        table = self.step_table(stochasticity)
+        if stochasticity == 0:
+            latents = table.mean_and_std(model_output, step_index, latents)[0].to(latents.dtype)
+            return latents, torch.zeros(len(latents), device=latents.device)
+        return table.step(model_output, step_index, latents, prev_latents, generator)
 
-    def transition_kl(
+    def score_transition(
         self,
         model_output: Tensor,
-        reference_output: Tensor,
         latents: Tensor,
         step_index: Tensor,
+        prev_latents: Tensor,
         stochasticity: float,
-    ) -> Tensor:
-        """(B,) float32 KL(pi(. | x_t) || pi_ref(. | x_t)) between the sampler's Gaussian steps
-        from the same ``latents`` given two denoiser outputs (the current model's, WITH grad, and a
-        reference model's): the steps share their std, so the KL is the squared distance of the
-        means over 2 std^2 (:func:`~pipelines.kernels.gaussian_kl`, mean over elements, the
-        convention of the log-probs). Needs a stochastic sampler (``stochasticity`` > 0)."""
+        *,
+        reference_output: Tensor | None = None,
+        old_mean: Tensor | None = None,
+    ) -> TransitionScores:
+        """Re-scores stored transitions x_t -> x_{t-1}
+        (``latents`` -> ``prev_latents``) given the denoiser's ``model_output`` (WITH grad):
+        their log-prob, as :meth:`transition` computes it, and on request their closed-form KL
+        to the step a ``reference_output`` of another model makes, and GRPO-Guard's normalised
+        log-ratio to the sampling step whose mean was ``old_mean`` (see
+        :class:`TransitionScores`)."""
         table = self.step_table(stochasticity)
         mean, std = table.mean_and_std(model_output, step_index, latents)
-        reference_mean = table.mean_and_std(reference_output, step_index, latents)[0]
-        return gaussian_kl(mean, reference_mean, std)
+        if stochasticity == 0:  # the ODE: no log-density, 0 as sampling records (the graph kept)
+            zeros = mean.flatten(1).mean(dim=1) * 0
+            return TransitionScores(zeros, None, None, table.output_gain(step_index).to(zeros.device))
+        log_prob = gaussian_log_prob(prev_latents, mean, std)
+        kl = None
+        if reference_output is not None:
+            kl = gaussian_kl(mean, table.mean_and_std(reference_output, step_index, latents)[0], std)
+        normalized = None
+        if old_mean is not None:
+            noise = (prev_latents.float() - old_mean.float()) / std  # the sampling step's eps
+            normalized = (noise * (mean - old_mean.float())).flatten(1).mean(dim=1)
+        return TransitionScores(log_prob, kl, normalized, table.output_gain(step_index).to(log_prob.device))
 
     def build_step_table(self, stochasticity: float, device: torch.device):
         """The per-step scalars of the sampler on the current grid at ``stochasticity``, on
@@ -175,9 +219,11 @@ class LogProbMixin:
     def _set_grid(self, num_inference_steps: int, resolution: int) -> None:
         self.scheduler.set_timesteps(num_inference_steps, device=self.sampling_device)
 
-    def step_mask(self, batch: int, num_steps: int, stochasticity: float) -> Tensor:
-        """(B, T) bool: which steps have a usable log-density (all, unless a family says not)."""
-        return torch.ones(batch, num_steps, dtype=torch.bool, device=self.sampling_device)
+    def step_mask(self, batch: int, levels: Sequence[float]) -> Tensor:
+        """(B, T) bool: which steps have a usable log-density, given each step's stochasticity
+        ``levels`` (T,): the stochastic ones, unless a family excludes more."""
+        mask = torch.tensor([level > 0 for level in levels], dtype=torch.bool, device=self.sampling_device)
+        return mask.expand(batch, -1).clone()
 
     @property
     def native_resolution(self) -> int:
@@ -349,10 +395,17 @@ class LogProbMixin:
         resolution: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        sde_steps: Sequence[int] | None = None,
+        keep_step_means: bool = False,
     ) -> LogProbPipelineOutput:
         """Runs the stochastic sampler over the scheduler's timesteps, recording the trajectory
         and every step's log-prob (the family's ``__call__`` names ``stochasticity`` as its
-        sampler does: ``eta`` or ``noise_level``)."""
+        sampler does: ``eta`` or ``noise_level``).
+
+        ``sde_steps``: the step indices that add noise (a window, as in Flow-GRPO-Fast and
+        MixGRPO); the others take the deterministic step (the ODE) and have no log-density.
+        None: every step. ``keep_step_means``: also record each step's Gaussian mean
+        (``step_means``; one more latent per step)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -366,15 +419,17 @@ class LogProbMixin:
                 prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt, resolution=resolution
             )
         batch = len(prompts)
-        trajectory, log_probs = [latents], []
+        trajectory, log_probs, means = [latents], [], []
         timesteps = self.scheduler.timesteps
+        noisy = set(range(len(timesteps)) if sde_steps is None else sde_steps)
+        levels = [stochasticity if i in noisy else 0.0 for i in range(len(timesteps))]
         for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
             t_batch = t.expand(batch).to(device)
             step_index = torch.full((batch,), i, device=device)
             model_output = self.denoise(latents, t_batch, conditioning, guidance_scale)
-            latents, log_prob = self.transition(
-                model_output, latents, step_index, t_batch, stochasticity, generator=generator
-            )
+            if keep_step_means:
+                means.append(self.step_table(levels[i]).mean_and_std(model_output, step_index, latents)[0])
+            latents, log_prob = self.transition(model_output, latents, step_index, t_batch, levels[i], generator=generator)
             trajectory.append(latents)
             log_probs.append(log_prob)
         return LogProbPipelineOutput(
@@ -382,6 +437,7 @@ class LogProbMixin:
             latents=torch.stack(trajectory, dim=1),
             timesteps=timesteps.to(device).expand(batch, -1).clone(),
             log_probs=torch.stack(log_probs, dim=1).float(),
-            step_mask=self.step_mask(batch, len(timesteps), stochasticity),
+            step_mask=self.step_mask(batch, levels),
             conditioning=conditioning,
+            step_means=torch.stack(means, dim=1) if keep_step_means else None,
         )

@@ -76,11 +76,11 @@ def test_timestep_fraction_limits_the_steps_trained() -> None:
         def step_pieces(self, steps):
             return split_steps(steps, 1)  # a diffusion policy: one pass per step
 
-        def step_log_prob(self, rollout, steps):
+        def step_scores(self, rollout, steps, *, kl=False, normalized_ratio=False):
             self.calls += 1
-            return rollout.log_probs.gather(1, steps).clone().requires_grad_(True)
+            return StepScores(rollout.log_probs.gather(1, steps).clone().requires_grad_(True))
 
-    from align_gen.types import Rollout
+    from align_gen.types import Rollout, StepScores
 
     rollout = Rollout(
         prompts=["a", "b"],

@@ -101,13 +101,13 @@ def test_the_kl_term_pulls_toward_the_reference() -> None:
     batch.advantages = torch.zeros(4)
     steps = torch.arange(3)
     with torch.no_grad():
-        before = policy.step_log_prob_and_kl(batch, steps)[1]
+        before = policy.step_scores(batch, steps, kl=True).kl
     one_update(policy, batch, GRPOConfig(beta=0.0), lr=0.5)
     with torch.no_grad():
-        assert torch.equal(policy.step_log_prob_and_kl(batch, steps)[1], before)
+        assert torch.equal(policy.step_scores(batch, steps, kl=True).kl, before)
     one_update(policy, batch, GRPOConfig(beta=1.0), lr=0.5)
     with torch.no_grad():
-        after = policy.step_log_prob_and_kl(batch, steps)[1]
+        after = policy.step_scores(batch, steps, kl=True).kl
     assert (after < before).all(), (before, after)
 
 
@@ -129,3 +129,85 @@ def test_on_a_vlm_the_answers_move_with_the_reward(flipped: bool) -> None:
         change = ((policy.step_log_prob(batch, steps) - batch.log_probs) * batch.step_mask).sum(dim=1)
     correlation = torch.corrcoef(torch.stack([change, REWARDS]))[0, 1]
     assert (correlation < -0.9) if flipped else (correlation > 0.9), change
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO-Guard
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow"])
+def test_the_gain_is_the_kernel_s_slope(kind: str) -> None:
+    """The step's mean is affine in the model output: mean(out + 1) - mean(out) = gain."""
+    from pipelines.kernels import DDIMStepTable, FlowSDEStepTable, flow_sigmas  # noqa: F401
+    from tests.test_kernels import make_scheduler
+
+    if kind == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(10)
+        table = FlowSDEStepTable.from_scheduler(scheduler, 0.7)
+    else:
+        scheduler = make_scheduler(kind)
+        scheduler.set_timesteps(10)
+        table = DDIMStepTable.from_scheduler(scheduler, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 10, 4, 8, 8, generator=generator, dtype=torch.float64).float()
+    index = torch.arange(10)
+    slope = table.mean_and_std(output + 1, index, sample)[0] - table.mean_and_std(output, index, sample)[0]
+    gain = table.output_gain(index)
+    torch.testing.assert_close(slope.abs(), gain.view(-1, 1, 1, 1).expand_as(slope), rtol=1e-4, atol=1e-5)
+    if kind == "flow":  # (1 + a^2 / 2) |dt| after the first step, |dt| at sigma = 1
+        dt = (scheduler.sigmas[:-1] - scheduler.sigmas[1:]).float()
+        torch.testing.assert_close(gain[1:-1], (1 + 0.7**2 / 2) * dt[1:-1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(gain[0], dt[0], rtol=1e-5, atol=0)
+
+
+def test_the_normalized_ratio_by_hand() -> None:
+    """0 at the sampling weights; after a change, s (log ratio + mean(dmu^2) / (2 s^2)) with
+    the log-probs, the means and the std computed by hand, and also mean(eps dmu)."""
+    policy = make_policy()
+    batch = policy.sample(GROUP, generator=torch.Generator().manual_seed(0), keep_step_means=True)
+    assert batch.step_means.shape == batch.trajectory[:, 1:].shape
+    steps = torch.arange(3)
+    with torch.no_grad():
+        assert torch.equal(policy.step_scores(batch, steps, normalized_ratio=True).normalized_log_ratio, torch.zeros(4, 3))
+        for param in policy.trainable_parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+        scores = policy.step_scores(batch, steps, normalized_ratio=True)
+        table = policy.sampler.step_table(policy.stochasticity)
+        step = 1
+        latents, t = batch.trajectory[:, step], batch.timesteps[:, step]
+        index = torch.full((4,), step)
+        mean, std = table.mean_and_std(policy._denoise(latents, t, batch.conditioning), index, latents)
+    old_mean, prev = batch.step_means[:, step], batch.trajectory[:, step + 1]
+    shift = (mean - old_mean).pow(2).flatten(1).mean(dim=1)
+    s = std.flatten()
+    by_hand = s * (scores.log_prob[:, step] - batch.log_probs[:, step] + shift / (2 * s**2))
+    torch.testing.assert_close(scores.normalized_log_ratio[:, step], by_hand, rtol=1e-3, atol=1e-7)
+    eps = (prev - old_mean) / std
+    torch.testing.assert_close(scores.normalized_log_ratio[:, step], (eps * (mean - old_mean)).flatten(1).mean(dim=1))
+    assert (scores.normalized_log_ratio != 0).all()
+    torch.testing.assert_close(scores.gain[:, step], table.output_gain(index))
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["reward", "flipped-reward"])
+def test_with_grpo_guard_one_update_ranks_the_group_the_reward_s_way(flipped: bool) -> None:
+    """The normalised log-ratios (0 before the update) move with the group-relative advantage."""
+    policy = make_policy()
+    objective = build_objective(GRPOConfig(clip_range=10.0, beta=0.0, ratio_norm=True))
+    batch = objective.sample(policy, GROUP, torch.Generator().manual_seed(0))
+    rewards = -REWARDS if flipped else REWARDS
+    batch.rewards, batch.advantages = rewards, group_normalize(rewards, batch.prompts)
+    one_update(policy, batch, GRPOConfig(clip_range=10.0, beta=0.0, ratio_norm=True), lr=0.5)
+    with torch.no_grad():  # what the surrogate raises: each step's normalised log-ratio over its gain
+        scores = policy.step_scores(batch, torch.arange(3), normalized_ratio=True)
+    change = (scores.normalized_log_ratio / scores.gain).sum(dim=1)
+    correlation = torch.corrcoef(torch.stack([change, REWARDS]))[0, 1]
+    assert (correlation < -0.9) if flipped else (correlation > 0.9), change
+
+
+def test_grpo_guard_is_refused_on_a_vlm() -> None:
+    with pytest.raises(ConfigError, match="not defined there"):
+        build_objective(GRPOConfig(ratio_norm=True)).check_policy_kind(takes_images=True)
+    build_objective(GRPOConfig(ratio_norm=True)).check_policy_kind(takes_images=False)

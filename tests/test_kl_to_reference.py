@@ -1,4 +1,4 @@
-"""The per-step KL to the reference model (Policy.step_log_prob_and_kl): the closed form against
+"""The per-step KL to the reference model (Policy.step_scores(kl=True)): the closed form against
 hand-derived values, zero at the initial weights, positive and differentiable once the weights
 move, and the same whatever the chunking of steps into forward passes; on SD, SD3 and a VLM."""
 
@@ -51,6 +51,11 @@ def test_the_table_step_is_its_gaussian() -> None:
     torch.testing.assert_close(log_prob, gaussian_log_prob(prev, mean, std))
 
 
+def log_prob_and_kl(policy, rollout, steps):
+    scores = policy.step_scores(rollout, steps, kl=True)
+    return scores.log_prob, scores.kl
+
+
 def make_diffusion_policy(*, lora: bool) -> DiffusionPolicy:
     return DiffusionPolicy(
         build_tiny_random_sd(),
@@ -82,12 +87,12 @@ def test_denoiser_kl_to_reference(make) -> None:
     policy = make()
     rollout = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
     steps = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1]])
-    log_prob, kl = policy.step_log_prob_and_kl(rollout, steps)
+    log_prob, kl = log_prob_and_kl(policy, rollout, steps)
     torch.testing.assert_close(log_prob, policy.step_log_prob(rollout, steps))
     assert torch.equal(kl, torch.zeros_like(kl))  # the initial model is the reference
 
     perturb(policy)
-    log_prob, kl = policy.step_log_prob_and_kl(rollout, steps)
+    log_prob, kl = log_prob_and_kl(policy, rollout, steps)
     torch.testing.assert_close(log_prob, policy.step_log_prob(rollout, steps))
     assert (kl > 0).all()
     kl.sum().backward()  # the KL's gradient reaches the trainable weights
@@ -105,7 +110,7 @@ def test_denoiser_kl_to_reference(make) -> None:
 
     policy.set_steps_per_forward(2)  # one forward for both columns: the same numbers
     with torch.no_grad():
-        torch.testing.assert_close(policy.step_log_prob_and_kl(rollout, steps)[1], kl.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(log_prob_and_kl(policy, rollout, steps)[1], kl.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_vlm_kl_to_reference() -> None:
@@ -117,12 +122,12 @@ def test_vlm_kl_to_reference() -> None:
     policy = build_policy(model, SampleConfig(max_new_tokens=6, temperature=0.7), "cpu")
     rollout = policy.sample(load_image_dataset(str(QUESTIONS)).visual_prompts()[:3], generator=torch.Generator().manual_seed(0))
     steps = torch.arange(rollout.trajectory.shape[1])
-    log_prob, kl = policy.step_log_prob_and_kl(rollout, steps)
+    log_prob, kl = log_prob_and_kl(policy, rollout, steps)
     torch.testing.assert_close(log_prob, rollout.log_probs, atol=1e-5, rtol=0)
     assert torch.equal(kl, torch.zeros_like(kl))
 
     perturb(policy, 0.2)
-    log_prob, kl = policy.step_log_prob_and_kl(rollout, steps)
+    log_prob, kl = log_prob_and_kl(policy, rollout, steps)
     torch.testing.assert_close(log_prob, policy.step_log_prob(rollout, steps))
     answers = rollout.trajectory
     assert torch.equal(kl[answers < 0], torch.zeros_like(kl[answers < 0]))  # padding adds nothing

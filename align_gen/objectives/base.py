@@ -6,7 +6,8 @@ for a minibatch in pieces (:class:`~align_gen.types.LossOutput`), e.g. one per d
 the trainer backpropagates each piece as it comes, so only one piece's activations are alive at
 a time. The sum of the pieces is the objective's loss for the minibatch.
 
-The trainer calls, in this order: :meth:`Objective.check` (before anything is built),
+The trainer calls, in this order: :meth:`Objective.check` and
+:meth:`Objective.check_policy_kind` (before anything is built),
 :meth:`Objective.setup` (once the policy exists), :meth:`Objective.load_state_dict` (when
 resuming), then every epoch :meth:`Objective.sample` for each rollout batch,
 :meth:`Objective.loss_terms` for each minibatch and :meth:`Objective.end_epoch`;
@@ -47,6 +48,11 @@ class Objective:
 
     def check(self, run: RunConfig) -> None:
         """Raises ConfigError when the run's settings cannot work with this objective."""
+        return None
+
+    def check_policy_kind(self, takes_images: bool) -> None:
+        """Raises ConfigError when a setting is not defined for the run's kind of policy (a VLM's
+        tokens when ``takes_images``); called before the model loads."""
         return None
 
     def setup(self, policy: Policy, run: RunConfig) -> None:

@@ -24,7 +24,7 @@ from align_gen.config import ModelConfig, SampleConfig
 from align_gen.errors import ConfigError
 from align_gen.policies.weights import TrainableWeights, write_model_card
 from align_gen.policy import split_steps
-from align_gen.types import MatchingTerms, Rollout
+from align_gen.types import MatchingTerms, Rollout, StepScores
 from pipelines.log_prob import AttentionBackendError, LogProbMixin
 
 Tensor = torch.Tensor
@@ -61,6 +61,7 @@ class DenoiserPolicy(TrainableWeights):
     sampler_class: type[LogProbMixin]
     takes_images = False  # text-to-image: prompts are strings
     steps_per_forward: int | None = 1  # re-scored steps per denoiser forward (train.steps_per_forward)
+    _sde_steps: tuple[int, ...] | None = None  # the open sde_window's steps (None: every step)
 
     # The keyword of ``Pipeline.save_lora_weights`` that takes the denoiser's LoRA layers.
     lora_layers_argument = "unet_lora_layers"
@@ -231,9 +232,11 @@ class DenoiserPolicy(TrainableWeights):
         generator: torch.Generator | None = None,
         images: Tensor | None = None,
         progress: bool = False,
+        keep_step_means: bool = False,
     ) -> Rollout:
         """Runs the family's log-prob pipeline at the ``sample`` settings without grad, recording
-        the trajectory and every step's log-prob (see :class:`~align_gen.policy.Policy`)."""
+        the trajectory and every step's log-prob (see :class:`~align_gen.policy.Policy`), noise
+        only at the steps of :meth:`sde_window` when one is open."""
         if images is not None:
             raise ValueError("A text-to-image policy takes no input images.")
         if not prompts:
@@ -249,6 +252,8 @@ class DenoiserPolicy(TrainableWeights):
                 resolution=self.resolution,
                 generator=generator,
                 progress=progress,
+                sde_steps=self._sde_steps,
+                keep_step_means=keep_step_means,
             )
         return Rollout(
             prompts=list(prompts),
@@ -258,48 +263,76 @@ class DenoiserPolicy(TrainableWeights):
             step_mask=output.step_mask,
             conditioning=output.conditioning,
             images=output.images,
+            step_means=output.step_means,
+            sde_steps=None if self._sde_steps is None else [self._sde_steps] * len(prompts),
         )
+
+    @contextlib.contextmanager
+    def sde_window(self, steps: Sequence[int] | None) -> Iterator[None]:
+        """Within: :meth:`sample` adds noise only at ``steps`` (see the Policy protocol)."""
+        if steps is not None:
+            steps = tuple(sorted(set(steps)))
+            if not steps or steps[0] < 0 or steps[-1] >= self.sample_config.num_steps:
+                raise ValueError(f"an SDE window must hold steps in [0, {self.sample_config.num_steps}), got {steps}.")
+        previous, self._sde_steps = self._sde_steps, steps
+        try:
+            yield
+        finally:
+            self._sde_steps = previous
 
     def step_log_prob(self, rollout: Rollout, steps: Tensor) -> Tensor:
         """(B, k) float32 log-probs of the stored transitions at ``steps`` ((k,) or (B, k) step
         indices), WITH grad, through the same guidance and kernel as sampling. Every
         :attr:`steps_per_forward` columns run as one denoiser forward (their rows stacked
         column-major: c * B rows, each row's conditioning repeated)."""
-        return self._score_steps(rollout, steps, with_kl=False)[0]
+        return self.step_scores(rollout, steps).log_prob
 
-    def step_log_prob_and_kl(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, k) log-probs as :meth:`step_log_prob`'s and (B, k) KLs of each step's Gaussian to
-        the initial model's from the same x_t (both WITH grad; see the Policy protocol): one
-        no-grad reference forward and one current forward per piece."""
-        log_prob, kl = self._score_steps(rollout, steps, with_kl=True)
-        assert kl is not None
-        return log_prob, kl
-
-    def _score_steps(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
-        """(B, k) log-probs at ``steps`` and, with ``with_kl``, (B, k) KLs to the initial model,
-        one denoiser forward per piece of :meth:`step_pieces` (and one reference forward)."""
+    def step_scores(self, rollout: Rollout, steps: Tensor, *, kl: bool = False, normalized_ratio: bool = False) -> StepScores:
+        """(B, k) log-probs as :meth:`step_log_prob`'s, and on request each step's KL to the
+        initial model's step (one more, no-grad, denoiser forward per piece) and GRPO-Guard's
+        normalised log-ratio (from ``rollout.step_means``); see the Policy protocol."""
         steps = torch.as_tensor(steps, device=self.device)
         if steps.dim() == 1:
             steps = steps.expand(len(rollout), -1)
+        if normalized_ratio and rollout.step_means is None:
+            raise ValueError("the normalised ratio needs each step's sampling mean: sample with keep_step_means=True.")
         pieces = [self._transitions(rollout, part) for part in self.step_pieces(steps)]
-        references = [None] * len(pieces)
-        if with_kl:  # every reference pass first: reference() may swap weights in place
+        references: list[Tensor | None] = [None] * len(pieces)
+        if kl:  # every reference pass first: reference() may swap weights in place
             with torch.no_grad(), self.reference():
                 references = [self._denoise(*piece[:3]) for piece in pieces]
-        log_probs, kls = [], []
-        for (latents, timesteps, conditioning, index, prev_latents), reference_output in zip(pieces, references, strict=True):
+        scores = []
+        for (latents, timesteps, conditioning, index, prev_latents, rows), reference_output in zip(
+            pieces, references, strict=True
+        ):
+            old_mean = rollout.step_means[rows, index] if normalized_ratio else None
             model_output = self._denoise(latents, timesteps, conditioning)
-            log_prob = self.sampler.transition(model_output, latents, index, timesteps, self.stochasticity, prev_latents)[1]
-            log_probs.append(log_prob.view(-1, len(rollout)).t())  # (B, c): rows were column-major
-            if reference_output is not None:
-                kl = self.sampler.transition_kl(model_output, reference_output, latents, index, self.stochasticity)
-                kls.append(kl.view(-1, len(rollout)).t())
-        return torch.cat(log_probs, dim=1), torch.cat(kls, dim=1) if with_kl else None
+            scores.append(
+                self.sampler.score_transition(
+                    model_output,
+                    latents,
+                    index,
+                    prev_latents,
+                    self.stochasticity,
+                    reference_output=reference_output,
+                    old_mean=old_mean,
+                )
+            )
 
-    def _transitions(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Tensor]:
+        def columns(name: str) -> Tensor | None:  # each piece's (c * B,), column-major -> (B, k)
+            values = [getattr(score, name) for score in scores]
+            if values[0] is None:
+                return None
+            return torch.cat([value.view(-1, len(rollout)).t() for value in values], dim=1)
+
+        return StepScores(columns("log_prob"), columns("kl"), columns("normalized_log_ratio"), columns("gain"))
+
+    def _transitions(
+        self, rollout: Rollout, steps: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Tensor, Tensor]:
         """The stored transitions at ``steps`` (B, c) as the c * B rows of one denoiser forward
         (stacked column-major, each row's conditioning repeated): (latents x_t, timesteps,
-        conditioning, step indices, next latents)."""
+        conditioning, step indices, next latents, sample indices)."""
         batch, columns = steps.shape
         rows = torch.arange(batch, device=self.device).repeat(columns)  # (c * B,) column-major
         index = steps.t().reshape(-1)  # (c * B,)
@@ -312,6 +345,7 @@ class DenoiserPolicy(TrainableWeights):
             conditioning,
             index,
             rollout.trajectory[rows, index + 1],
+            rows,
         )
 
     def step_pieces(self, steps: Tensor) -> tuple[Tensor, ...]:

@@ -29,8 +29,9 @@ to (image, question): a token is a step, so REBEL, DDPO, AWM and SePPO run on it
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from align_gen.errors import ConfigError
 from align_gen.image_datasets import load_prompt_images
 from align_gen.policies.weights import TrainableWeights, write_model_card
 from align_gen.policy import split_steps
-from align_gen.types import MatchingTerms, Rollout, VisualPrompt
+from align_gen.types import MatchingTerms, Rollout, StepScores, VisualPrompt
 
 Tensor = torch.Tensor
 
@@ -271,9 +272,13 @@ class VLMPolicy(TrainableWeights):
         generator: torch.Generator | None = None,
         images: Tensor | None = None,
         progress: bool = False,
+        keep_step_means: bool = False,
     ) -> Rollout:
         """Answers for (image, question) prompts, with every token's log-prob (see the module
-        docstring); ``generator`` makes the answers reproducible."""
+        docstring); ``generator`` makes the answers reproducible. A token has no Gaussian step:
+        ``keep_step_means`` raises ValueError."""
+        if keep_step_means:
+            raise ValueError("a VLM's steps are tokens, with no Gaussian mean to keep.")
         questions, images = self._questions_and_images(prompts, images)
         conditioning = self._prompt_inputs(questions, images)
         inputs = self._model_inputs(conditioning, answers=conditioning["input_ids"][:, :0])
@@ -350,20 +355,35 @@ class VLMPolicy(TrainableWeights):
         )
         return _at_steps(log_probs, torch.as_tensor(steps, device=self.device))
 
-    def step_log_prob_and_kl(self, rollout: Rollout, steps: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, k) log-probs as :meth:`step_log_prob`'s and (B, k) KL(pi_theta || pi_ref) of each
-        token's distribution (the sampler's: at ``sample.temperature``, excluded tokens removed)
-        to the initial model's given the same prefix, summed over the vocabulary; 0 at padding.
-        Both WITH grad; one no-grad reference pass and one current pass."""
+    def step_scores(self, rollout: Rollout, steps: Tensor, *, kl: bool = False, normalized_ratio: bool = False) -> StepScores:
+        """(B, k) log-probs as :meth:`step_log_prob`'s and, with ``kl``, (B, k) KL(pi_theta ||
+        pi_ref) of each token's distribution (the sampler's: at ``sample.temperature``, excluded
+        tokens removed) to the initial model's given the same prefix, summed over the
+        vocabulary; 0 at padding. Both WITH grad; one no-grad reference pass and one current
+        pass. A token has no Gaussian step: ``normalized_ratio`` raises ValueError."""
+        if normalized_ratio:
+            raise ValueError("GRPO-Guard's normalised ratio is defined for Gaussian denoising steps, not for tokens.")
+        if not kl:
+            return StepScores(self.step_log_prob(rollout, steps))
         answers = rollout.trajectory
         temperature = self.sample_config.temperature
         with torch.no_grad(), self.reference():  # first: reference() may swap weights in place
             reference = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
         current = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
         log_probs = pick_tokens(current, answers)  # (B, T)
-        kl = (current.exp() * (current - reference)).sum(dim=-1).masked_fill(answers < 0, 0.0)  # (B, T)
+        divergence = (current.exp() * (current - reference)).sum(dim=-1).masked_fill(answers < 0, 0.0)  # (B, T)
         steps = torch.as_tensor(steps, device=self.device)
-        return _at_steps(log_probs, steps), _at_steps(kl, steps)
+        return StepScores(_at_steps(log_probs, steps), _at_steps(divergence, steps))
+
+    @contextlib.contextmanager
+    def sde_window(self, steps: Sequence[int] | None) -> Iterator[None]:
+        """A window of noised steps is a diffusion sampler's: ConfigError for any but None."""
+        if steps is not None:
+            raise ConfigError(
+                "sample.sde_window adds noise at some denoising steps only; a VLM's tokens are all sampled, "
+                "so it has none: set sample.sde_window.size=0."
+            )
+        yield
 
     # ----------------------------------------------------------------------------------------
     # matching losses
