@@ -1,24 +1,29 @@
 """Datasets of (prompt, image[, answer]) examples: a folder, a JSONL file, or a Hugging Face
 dataset id.
 
-Two uses: SePPO's winners for a text-to-image model (a run that uses one takes its prompts from
+Three uses: SePPO's winners for a text-to-image model (a run that uses one takes its prompts from
 it too, so every prompt drawn has an image), and a vision-language model's inputs, where each
 example becomes a :class:`~align_gen.types.VisualPrompt` (the prompt is the question about the
-image; an optional ``answer`` field is the reference answer rule rewards and SePPO use).
+image; an optional ``answer`` field is the reference answer rule rewards and SePPO use), and
+offline Diffusion-DPO's (preferred, rejected) pairs.
 
 Sources:
 - a folder: ``metadata.jsonl`` with ``{"file_name": ..., "prompt": ...}`` lines (the Hugging
   Face imagefolder layout; ``text`` or ``caption`` also name the prompt), or else image files
   each with a caption file of the same stem (``cat.png`` + ``cat.txt``);
-- a ``.jsonl`` file with ``{"prompt": ..., "image": "path"}`` lines (paths relative to the file);
+- a ``.jsonl`` file with ``{"prompt": ..., "image": "path"}`` lines (paths relative to the file),
+  optionally with ``"rejected": "path"``, the image not preferred (``align-gen make-pairs``
+  writes such a file);
 - ``hf:<dataset id>`` or ``hf:<dataset id>@<split>`` (default split ``train``), read with the
   ``datasets`` package (an optional extra) in streaming mode, the first ``max_examples`` usable
   rows. Pick-a-Pic's layout (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) yields each row's
-  preferred image (ties are skipped); other datasets need a prompt column (``prompt``,
+  preferred image and its rejected one (ties are skipped); other datasets need a prompt column (``prompt``,
   ``caption`` or ``text``) and an image column (``image``, ``jpg`` or ``png``).
 - ``world:<split>`` or ``world:<split>:<count>`` (default 2,048): the tiny world's drawn scenes of
   that caption split (``train`` or ``heldout``), rendered on demand; the same scenes every time
-  (:meth:`align_gen.world.shapes.ShapesWorld.dataset`). SePPO's winners on the world model.
+  (:meth:`align_gen.world.shapes.ShapesWorld.dataset`). SePPO's winners on the world model; each
+  example's rejected image is the next example's scene (a drawing of another caption).
+The rejected images make (preferred, rejected) pairs for offline Diffusion-DPO.
 Every layout may add an answer (``answer``, VQAv2's ``multiple_choice_answer``, or the first of
 a list in ``answers``, whose items may be ``{"answer": ...}`` records).
 """
@@ -61,12 +66,15 @@ class PromptImageDataset:
         sources: one zero-argument image opener per example.
         name: where the examples came from, for error messages.
         answers: one reference answer (or None) per example, or None when the dataset has none.
+        rejected: one opener of the example's rejected image (or None) per example, or None when
+            the dataset has none: the pairs of offline preference objectives (Diffusion-DPO).
     """
 
     prompts: list[str]
     sources: list[ImageSource]
     name: str
     answers: list[str | None] | None = None
+    rejected: list[ImageSource | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -90,9 +98,28 @@ class PromptImageDataset:
             images.append(to_square_tensor(self._open(index), size))
         return torch.stack(images)
 
-    def _open(self, index: int) -> Image.Image:
+    @property
+    def has_pairs(self) -> bool:
+        """True when some example has a rejected image."""
+        return self.rejected is not None and any(opener is not None for opener in self.rejected)
+
+    def pairs_for(self, prompts: Sequence[str], size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, 3, size, size), (B, 3, size, size)) float32 images in [0, 1]: for each prompt, the
+        preferred and the rejected image of one of its examples that has both, drawn uniformly."""
+        rejected = self.rejected or [None] * len(self)
+        winners, losers = [], []
+        for prompt in prompts:
+            choices = [index for index in self._by_prompt.get(prompt, []) if rejected[index] is not None]
+            if not choices:
+                raise ConfigError(f"the dataset {self.name} has no (preferred, rejected) pair for the prompt {prompt!r}.")
+            index = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+            winners.append(to_square_tensor(self._open(index), size))
+            losers.append(to_square_tensor(self._open(index, rejected[index]), size))
+        return torch.stack(winners), torch.stack(losers)
+
+    def _open(self, index: int, opener: ImageSource | None = None) -> Image.Image:
         try:
-            return self.sources[index]().convert("RGB")
+            return (opener or self.sources[index])().convert("RGB")
         except (OSError, ValueError) as error:
             raise ConfigError(
                 f"cannot read the image of example {index} ({self.prompts[index]!r}) in {self.name}: {error}"
@@ -176,11 +203,13 @@ def _load_world(source: str) -> PromptImageDataset:
         )
     _, captions, scenes = shapes.ShapesWorld().dataset(int(count or WORLD_DEFAULT_COUNT), split)
     openers = [functools.partial(shapes.render, scene) for scene in scenes]
-    return PromptImageDataset(prompts=captions, sources=openers, name=source)
+    # Each example's rejected image is the next example's scene: a drawing of another caption.
+    return PromptImageDataset(prompts=captions, sources=openers, name=source, rejected=openers[1:] + openers[:1])
 
 
-def _some(answers: list[str | None]) -> list[str | None] | None:
-    return answers if any(answer is not None for answer in answers) else None
+def _some(values: list[Any]) -> list[Any] | None:
+    """``values`` (one per example, None where an example has none), or None when all are None."""
+    return values if any(value is not None for value in values) else None
 
 
 def _file_opener(path: Path) -> ImageSource:
@@ -188,7 +217,7 @@ def _file_opener(path: Path) -> ImageSource:
 
 
 def _load_jsonl(path: Path) -> PromptImageDataset:
-    prompts, sources, answers = [], [], []
+    prompts, sources, answers, rejected = [], [], [], []
     for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -203,7 +232,14 @@ def _load_jsonl(path: Path) -> PromptImageDataset:
         prompts.append(prompt)
         sources.append(_file_opener(image))
         answers.append(row_answer(row))
-    return PromptImageDataset(prompts, sources, str(path), _some(answers))
+        rejected.append(None)
+        if "rejected" in row:
+            loser = Path(row["rejected"])
+            loser = loser if loser.is_absolute() else path.parent / loser
+            if not loser.is_file():
+                raise ConfigError(f"{path}:{number}: rejected image file not found: {loser}")
+            rejected[-1] = _file_opener(loser)
+    return PromptImageDataset(prompts, sources, str(path), _some(answers), _some(rejected))
 
 
 def _load_folder(folder: Path) -> PromptImageDataset:
@@ -253,26 +289,28 @@ def _load_hub_dataset(spec: str, max_examples: int) -> PromptImageDataset:
             f"cannot load the dataset hf:{spec} ({type(error).__name__}: {error}); offline, save it "
             "with datasets' save_to_disk or export a folder / JSONL and point prompts.source at it."
         ) from None
-    prompts, sources, answers = [], [], []
+    prompts, sources, answers, rejected = [], [], [], []
     for row in rows:
         example = hub_row_example(row)
         if example is not None:
             prompts.append(example[0])
             sources.append(example[1])
+            rejected.append(example[2])
             answers.append(row_answer(row))
         if len(prompts) >= max_examples:
             break
-    return PromptImageDataset(prompts, sources, f"hf:{spec}", _some(answers))
+    return PromptImageDataset(prompts, sources, f"hf:{spec}", _some(answers), _some(rejected))
 
 
-def hub_row_example(row: dict[str, Any]) -> tuple[str, ImageSource] | None:
-    """(prompt, image opener) of one hub dataset row, or None for a row without a preferred
-    image (a Pick-a-Pic tie). Raises ConfigError naming the columns when neither layout fits."""
+def hub_row_example(row: dict[str, Any]) -> tuple[str, ImageSource, ImageSource | None] | None:
+    """(prompt, image opener, rejected image opener or None) of one hub dataset row, or None for
+    a row without a preferred image (a Pick-a-Pic tie). Raises ConfigError naming the columns when
+    neither layout fits."""
     if {"caption", "jpg_0", "jpg_1", "label_0"} <= row.keys():
         if row["label_0"] == 0.5:
             return None
-        winner = row["jpg_0"] if row["label_0"] == 1 else row["jpg_1"]
-        return str(row["caption"]), _opener(winner)
+        winner, loser = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"], row["jpg_0"])
+        return str(row["caption"]), _opener(winner), _opener(loser)
     prompt_key = next((key for key in PROMPT_FIELDS if key in row), None)
     image_key = next((key for key in IMAGE_FIELDS if key in row), None)
     if prompt_key is None or image_key is None:
@@ -281,7 +319,7 @@ def hub_row_example(row: dict[str, Any]) -> tuple[str, ImageSource] | None:
             f"label_0) or a prompt column ({', '.join(PROMPT_FIELDS)}) and an image column "
             f"({', '.join(IMAGE_FIELDS)})."
         )
-    return str(row[prompt_key]), _opener(row[image_key])
+    return str(row[prompt_key]), _opener(row[image_key]), None
 
 
 def _opener(value: Any) -> ImageSource:

@@ -57,6 +57,14 @@ class Policy(Protocol):
         """
         ...
 
+    def data_rollout(self, prompts: Sequence[str], images: torch.Tensor) -> Rollout:
+        """A rollout of given images instead of sampled ones (no grad): the prompts'
+        conditioning as :meth:`sample` records it, and ``images`` (B, 3, H, W) in [0, 1] encoded
+        as the clean samples (:meth:`encode_samples`); no steps (T = 0). What objectives that
+        train on data (offline Diffusion-DPO) pass to :meth:`matching_terms`. Diffusion only: a
+        VLM raises ValueError."""
+        ...
+
     def sde_window(self, steps: Sequence[int] | None) -> AbstractContextManager[None]:
         """Inside this context :meth:`sample` adds noise only at the step indices ``steps`` (a
         window, as in Flow-GRPO-Fast and MixGRPO) and takes the deterministic step (the ODE)

@@ -79,7 +79,10 @@ def test_offline_config_trains_one_tiny_epoch(
 ) -> None:
     from align_gen.train import train
 
-    config = load_config(path, [*tiny_train_overrides, f"output_dir={tmp_path / 'run'}"])
+    overrides = [*tiny_train_overrides, f"output_dir={tmp_path / 'run'}"]
+    if load_config(path).sample.sde_window.size:  # keep a window, one that fits the 2 steps
+        overrides += ["sample.sde_window.size=1", "sample.sde_window.span=2"]
+    config = load_config(path, overrides)
     result = train(config)
     assert result.first_reward is not None
     assert (result.final_model / "align_gen_model.json").is_file()

@@ -85,21 +85,44 @@ def _png_bytes(colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def test_pick_a_pic_rows_yield_the_preferred_image() -> None:
+def test_pick_a_pic_rows_yield_the_preferred_and_the_rejected_image() -> None:
     red, blue = _png_bytes((255, 0, 0)), _png_bytes((0, 0, 255))
     row = {"caption": "c", "jpg_0": red, "jpg_1": blue, "label_0": 0.0, "label_1": 1.0}
-    prompt, opener = hub_row_example(row)
+    prompt, opener, loser = hub_row_example(row)
     assert prompt == "c" and opener().convert("RGB").getpixel((0, 0)) == (0, 0, 255)
-    _, opener = hub_row_example({**row, "label_0": 1.0})
+    assert loser().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    _, opener, loser = hub_row_example({**row, "label_0": 1.0})
     assert opener().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    assert loser().convert("RGB").getpixel((0, 0)) == (0, 0, 255)
     assert hub_row_example({**row, "label_0": 0.5}) is None  # a tie has no winner
+
+
+def test_jsonl_pairs_and_world_pairs(tmp_path: Path) -> None:
+    save_image(tmp_path / "r.png", (255, 0, 0))
+    save_image(tmp_path / "b.png", (0, 0, 255))
+    rows = [{"prompt": "red", "image": "r.png", "rejected": "b.png"}, {"prompt": "plain", "image": "b.png"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dataset = load_image_dataset(str(tmp_path / "pairs.jsonl"))
+    assert dataset.has_pairs
+    winners, losers = dataset.pairs_for(["red", "red"], 8, torch.Generator())
+    assert winners.shape == losers.shape == (2, 3, 8, 8)
+    assert winners[:, 0].mean() > 0.9 and losers[:, 2].mean() > 0.9  # red preferred to blue
+    with pytest.raises(ConfigError, match="no \\(preferred, rejected\\) pair for the prompt 'plain'"):
+        dataset.pairs_for(["plain"], 8, torch.Generator())
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "p", "image": "r.png", "rejected": "gone.png"}))
+    with pytest.raises(ConfigError, match="bad.jsonl:1: rejected image file not found"):
+        load_image_dataset(str(tmp_path / "bad.jsonl"))
+    assert not load_image_dataset(str(tmp_path / "pairs.jsonl")).rejected[1]
+    world = load_image_dataset("world:train:4")
+    winners, losers = world.pairs_for(world.prompts[:1], 16, torch.Generator())
+    torch.testing.assert_close(losers, world.images_for(world.prompts[1:2], 16, torch.Generator()))  # the next scene
 
 
 def test_generic_hub_rows_and_bad_columns() -> None:
     image = Image.new("RGB", (4, 4))
-    prompt, opener = hub_row_example({"text": "t", "image": image})
-    assert prompt == "t" and opener() is image
-    prompt, opener = hub_row_example({"prompt": "p", "image": {"bytes": _png_bytes((0, 0, 0))}})
+    prompt, opener, loser = hub_row_example({"text": "t", "image": image})
+    assert prompt == "t" and opener() is image and loser is None
+    prompt, opener, _ = hub_row_example({"prompt": "p", "image": {"bytes": _png_bytes((0, 0, 0))}})
     assert opener().size == (4, 4)
     with pytest.raises(ConfigError, match="expected Pick-a-Pic's"):
         hub_row_example({"question": "q", "picture": image})
@@ -143,7 +166,7 @@ def test_vqa_style_hub_rows_give_question_and_answer() -> None:
         "answers": [{"answer": "mug", "answer_confidence": "yes", "answer_id": 1}],
         "image": Image.new("RGB", (4, 4)),
     }
-    prompt, _ = hub_row_example(row)
+    prompt, _, _ = hub_row_example(row)
     assert prompt == "What is on the table?" and row_answer(row) == "cup"
     assert row_answer({"answers": row["answers"]}) == "mug"
     assert row_answer({"prompt": "p"}) is None

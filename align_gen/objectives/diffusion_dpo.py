@@ -1,6 +1,6 @@
 """Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference
-Optimization", arXiv 2311.12908), online: the pairs are the policy's own samples, ranked by the
-reward.
+Optimization", arXiv 2311.12908): online, the pairs are the policy's own samples ranked by the
+reward; offline (``pairs: dataset``), the (preferred, rejected) image pairs of a dataset.
 
 For a pair (x_w, x_l) of one prompt, the winner and the loser, noised at the same timestep t with
 the same noise eps:
@@ -22,18 +22,27 @@ log-likelihoods, so a beta on the order of 1-10 rather than 5000).
 
 Pairs are consecutive samples of one prompt (``sample.samples_per_prompt`` even, as REBEL's);
 the one with the higher reward is the winner, and a pair with equal rewards adds nothing.
+
+Offline (``pairs: dataset``, text-to-image only), as the authors train: the prompts and pairs come
+from ``prompts.source``, a dataset with rejected images (Pick-a-Pic's rows, a JSONL file with
+``rejected`` fields such as ``align-gen make-pairs`` writes, or the world's ``world:<split>``).
+Each pair of consecutive prompts of a batch becomes the (preferred, rejected) images of one of
+its examples, encoded as the clean samples of a rollout that samples nothing
+(Policy.data_rollout); the dataset decides the winner, and the reward only logs the pairs'
+scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from align_gen.errors import ConfigError
+from align_gen.image_datasets import PromptImageDataset, is_image_dataset_source, load_image_dataset
 from align_gen.objectives import register_objective
 from align_gen.objectives.base import (
     Objective,
@@ -54,10 +63,15 @@ Tensor = torch.Tensor
 class DiffusionDPOConfig(ObjectiveConfig):
     name: str = "diffusion_dpo"
     beta: float = 5000.0  # preference sharpness on the per-element mean errors; the loss uses beta / 2 (anchor: 5000)
+    # online: pairs of the policy's samples ranked by the reward; dataset: the (preferred,
+    # rejected) image pairs of prompts.source (the anchor's offline training)
+    pairs: Literal["online", "dataset"] = "online"
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise ConfigError(f"objective.beta must be > 0, got {self.beta}.")
+        if self.pairs not in ("online", "dataset"):
+            raise ConfigError(f"objective.pairs must be online or dataset, got {self.pairs!r}.")
 
 
 def diffusion_dpo_loss(
@@ -93,17 +107,60 @@ def diffusion_dpo_loss(
 
 @register_objective("diffusion_dpo", DiffusionDPOConfig)
 class DiffusionDPO(Objective):
-    """Online Diffusion-DPO over pairs of consecutive samples of the same prompt, against the
-    frozen initial model."""
+    """Diffusion-DPO over pairs of consecutive samples of the same prompt (online: the policy's
+    own, ranked by the reward; offline: a dataset's), against the frozen initial model."""
 
     config: DiffusionDPOConfig
 
+    def __init__(self, config: DiffusionDPOConfig) -> None:
+        super().__init__(config)
+        self.dataset: PromptImageDataset | None = None
+
     def check(self, run: RunConfig) -> None:
         check_paired_run(run, "diffusion_dpo")
+        if self.config.pairs == "dataset" and not is_image_dataset_source(run.prompts.source):
+            raise ConfigError(
+                f"objective.pairs=dataset takes its pairs from prompts.source, but {run.prompts.source!r} is not a "
+                "dataset of images: give hf:yuvalkirstain/pickapic_v2, a .jsonl file with \"prompt\", \"image\" "
+                'and "rejected" fields (align-gen make-pairs writes one), or world:train.'
+            )
+
+    def check_policy_kind(self, takes_images: bool) -> None:
+        if self.config.pairs == "dataset" and takes_images:
+            raise ConfigError(
+                "objective.pairs=dataset trains on (preferred, rejected) image pairs, a text-to-image model's data; "
+                "a VLM trains on its own answers: set objective.pairs=online."
+            )
+
+    def setup(self, policy: Policy, run: RunConfig) -> None:
+        if self.config.pairs == "dataset":
+            self.dataset = load_image_dataset(run.prompts.source)
+            if not self.dataset.has_pairs:
+                raise ConfigError(
+                    f"objective.pairs=dataset: the dataset {self.dataset.name} has no rejected images; it needs "
+                    "Pick-a-Pic's rows, a JSONL file with \"rejected\" fields, or world:<split>."
+                )
+
+    def sample(self, policy: Policy, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
+        """Online: the current policy's samples. Offline: for each pair of consecutive prompts
+        (one prompt twice), a dataset example's preferred and rejected images, with
+        ``extras["winner"]`` (B,) 1 on the preferred rows and 0 on the rejected ones."""
+        if self.dataset is None:
+            return policy.sample(prompts, generator=generator)
+        winners, losers = self.dataset.pairs_for(prompts[0::2], policy.resolution, generator)
+        images = torch.stack([winners, losers], dim=1).flatten(0, 1)  # (B, 3, H, W): winner, loser, ...
+        rollout = policy.data_rollout(prompts, images)
+        rollout.extras["winner"] = torch.tensor([1.0, 0.0], device=rollout.images.device).repeat(len(prompts) // 2)
+        return rollout
 
     def loss_terms(self, policy: Policy, batch: Rollout, generator: torch.Generator) -> Iterator[LossOutput]:
         check_paired_batch(batch, "diffusion_dpo")
-        if batch.rewards is None:
+        if "winner" in batch.extras:  # offline: the dataset's preference
+            preference = batch.extras["winner"][0::2] - batch.extras["winner"][1::2]  # (P,)
+        elif batch.rewards is not None:
+            rewards = batch.rewards.float()
+            preference = torch.sign(rewards[0::2] - rewards[1::2])  # (P,)
+        else:
             raise ValueError("diffusion_dpo ranks each pair by its rewards, which are not set on the batch.")
         pairs = len(batch) // 2
         # Both members of a pair are noised at the same timestep with the same noise.
@@ -111,7 +168,5 @@ class DiffusionDPO(Objective):
         noise = policy.training_noise(pairs, generator).repeat_interleave(2, dim=0)
         terms = policy.matching_terms(batch, t=t, noise=noise)
         divergence = terms.loss - terms.reference_loss[0]  # (B,) d(x), WITH grad
-        rewards = batch.rewards.float()
-        preference = torch.sign(rewards[0::2] - rewards[1::2])  # (P,)
         loss, metrics = diffusion_dpo_loss(divergence[0::2], divergence[1::2], preference, self.config.beta)
         yield LossOutput(loss, metrics)

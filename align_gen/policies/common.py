@@ -267,6 +267,25 @@ class DenoiserPolicy(TrainableWeights):
             sde_steps=None if self._sde_steps is None else [self._sde_steps] * len(prompts),
         )
 
+    @torch.no_grad()
+    def data_rollout(self, prompts: Sequence[str], images: Tensor) -> Rollout:
+        """A rollout of ``images`` (B, 3, H, W) in [0, 1] for ``prompts``: their conditioning at
+        the sampling settings, the images' latents as the clean samples (a one-entry trajectory),
+        no steps (see the Policy protocol)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"data_rollout takes one image per prompt, got {len(prompts)} prompts and {len(images)} images.")
+        latents = self.encode_samples(images)  # (B, C, h, w)
+        batch = len(prompts)
+        return Rollout(
+            prompts=list(prompts),
+            trajectory=latents[:, None],
+            timesteps=torch.zeros(batch, 0, dtype=torch.long, device=self.device),
+            log_probs=torch.zeros(batch, 0, device=self.device),
+            step_mask=torch.zeros(batch, 0, dtype=torch.bool, device=self.device),
+            conditioning=self.encode_prompts(prompts),
+            images=images.to(self.device, torch.float32),
+        )
+
     @contextlib.contextmanager
     def sde_window(self, steps: Sequence[int] | None) -> Iterator[None]:
         """Within: :meth:`sample` adds noise only at ``steps`` (see the Policy protocol)."""

@@ -375,6 +375,10 @@ class VLMPolicy(TrainableWeights):
         steps = torch.as_tensor(steps, device=self.device)
         return StepScores(_at_steps(log_probs, steps), _at_steps(divergence, steps))
 
+    def data_rollout(self, prompts: Sequence[str], images: Tensor) -> Rollout:
+        """Offline image pairs are a text-to-image model's data: ValueError."""
+        raise ValueError("a rollout of given images is a text-to-image model's; a VLM's data are answers.")
+
     @contextlib.contextmanager
     def sde_window(self, steps: Sequence[int] | None) -> Iterator[None]:
         """A window of noised steps is a diffusion sampler's: ConfigError for any but None."""
