@@ -143,11 +143,14 @@ class Policy(Protocol):
         noise: torch.Tensor,
         clean: torch.Tensor | None = None,
         references: Sequence[dict[str, torch.Tensor] | None] = (None,),
+        residuals: bool = False,
     ) -> MatchingTerms:
         """The matching loss of the current model (WITH grad) and of R reference models (no
         grad) at the same inputs, and the divergence of their predictions. Each reference is
         None (the initial model, see :meth:`reference`) or a :meth:`trainable_state_dict`
-        snapshot (SePPO's past checkpoints, AWM's EMA). One forward pass of each model."""
+        snapshot (SePPO's past checkpoints, AWM's EMA). One forward pass of each model.
+        ``residuals`` (diffusion only): also each model's prediction minus the target, element
+        by element, and the scale that turns them into clean-sample errors (DiffusionNFT)."""
         ...
 
     def training_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:

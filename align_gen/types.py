@@ -231,8 +231,17 @@ class MatchingTerms:
         reference_loss: (R, B) each reference model's matching loss, without grad.
         divergence: (R, B) mean squared difference of the current model's predictions and each
             reference's, WITH grad through the current model's.
+        residual: (B, ...) the current model's prediction minus the target, WITH grad, when asked
+            for (``residuals=True``; diffusion only), else None.
+        reference_residual: (R, B, ...) each reference's prediction minus the target, when asked.
+        clean_scale: (B,) |d x0_hat / d prediction| at each sample's timestep, when asked: the
+            clean-sample prediction's error is -clean_scale x residual (flow: sigma; epsilon:
+            sqrt((1 - abar) / abar); v: sqrt(1 - abar); sample: 1).
     """
 
     loss: Tensor
     reference_loss: Tensor
     divergence: Tensor
+    residual: Tensor | None = None
+    reference_residual: Tensor | None = None
+    clean_scale: Tensor | None = None

@@ -47,7 +47,7 @@ from align_gen.train import train
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CONFIG_NAME = "{method}_world_clipscore.yaml"
-METHODS = ("ddpo", "grpo", "rebel", "awm", "seppo", "diffusion_dpo")
+METHODS = ("ddpo", "grpo", "rebel", "awm", "seppo", "diffusion_dpo", "nft")
 
 
 def parse_args() -> argparse.Namespace:

@@ -27,6 +27,7 @@ OBJECTIVES = {
         f"prompts.source={Path(__file__).resolve().parents[1] / 'configs' / 'tiny' / 'data' / 'shapes'}",
     ],
     "diffusion_dpo": [],
+    "nft": ["objective.num_timesteps=2"],
 }
 MODELS = ["tiny-random-sd", "tiny-random-sd2", "tiny-random-sd3", "tiny-random-sdxl", "tiny-random-flux"]
 

@@ -45,4 +45,4 @@ def build_objective(config):
 
 
 def _import_builtin_objectives() -> None:
-    from align_gen.objectives import awm, ddpo, diffusion_dpo, grpo, rebel, seppo  # noqa: F401
+    from align_gen.objectives import awm, ddpo, diffusion_dpo, grpo, nft, rebel, seppo  # noqa: F401

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the run's config is read, never built, here (config.py impo
 class ObjectiveConfig:
     """Base of every objective's config; ``name`` selects the objective."""
 
-    name: str = "ddpo"  # the objective: ddpo, grpo, rebel, awm, seppo or diffusion_dpo
+    name: str = "ddpo"  # the objective: ddpo, grpo, rebel, awm, seppo, diffusion_dpo or nft
 
 
 class Objective:

@@ -415,11 +415,13 @@ class DenoiserPolicy(TrainableWeights):
         noise: Tensor,
         clean: Tensor | None = None,
         references: Sequence[dict[str, Tensor] | None] = (None,),
+        residuals: bool = False,
     ) -> MatchingTerms:
         """The matching loss of the current model (WITH grad) and of each reference model
         (None = the initial weights, or a :meth:`trainable_state_dict` snapshot; no grad) at the
-        same inputs, and the mean squared difference of the predictions (grad through the
-        current one)."""
+        same inputs, the mean squared difference of the predictions (grad through the current
+        one), and with ``residuals`` the predictions minus the target and their clean-sample
+        scale (:meth:`clean_scale`)."""
         clean, t, noise = self._matching_inputs(rollout, t, noise, clean)
         # Reference passes come first: entering reference() may copy weights in place, which
         # must not happen while a graph holds the current ones.
@@ -428,11 +430,24 @@ class DenoiserPolicy(TrainableWeights):
             with torch.no_grad(), self.reference(weights):
                 reference_predictions.append(self._matching_prediction(clean, rollout.conditioning, t, noise)[0])
         prediction, target = self._matching_prediction(clean, rollout.conditioning, t, noise)
+        extra = {}
+        if residuals:
+            extra = {
+                "residual": prediction - target,
+                "reference_residual": torch.stack([r - target for r in reference_predictions]),
+                "clean_scale": self.clean_scale(t),
+            }
         return MatchingTerms(
             loss=per_sample_mse(prediction, target),
             reference_loss=torch.stack([per_sample_mse(r, target) for r in reference_predictions]),
             divergence=torch.stack([per_sample_mse(prediction, r) for r in reference_predictions]),
+            **extra,
         )
+
+    def clean_scale(self, t: Tensor) -> Tensor:
+        """(B,) float32 |d x0_hat / d prediction| at training timesteps ``t``: how an error of the
+        model's prediction becomes an error of its clean-sample prediction."""
+        raise NotImplementedError
 
     def encode_samples(self, samples: Tensor) -> Tensor:
         """(B, C, h, w) float32 latents of (B, 3, H, W) images in [0, 1] (the VAE posterior's

@@ -69,6 +69,18 @@ class DiffusionPolicy(DenoiserPolicy):
         """(B,) integer timesteps uniform over [0, num_train_timesteps), on the CPU."""
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator)
 
+    def clean_scale(self, t: Tensor) -> Tensor:
+        """x0_hat from x_t and the prediction: epsilon, (x_t - sqrt(1 - abar) eps) / sqrt(abar),
+        slope sqrt((1 - abar) / abar); v, sqrt(abar) x_t - sqrt(1 - abar) v, slope sqrt(1 - abar);
+        sample, the prediction itself, slope 1."""
+        abar = self.scheduler.alphas_cumprod.to(self.device)[t.to(self.device).long()].float()  # (B,)
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return ((1 - abar) / abar).sqrt()
+        if prediction_type == "v_prediction":
+            return (1 - abar).sqrt()
+        return torch.ones_like(abar)
+
     def _matching_prediction(
         self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
     ) -> tuple[Tensor, Tensor]:

@@ -70,6 +70,10 @@ class FlowPolicy(DenoiserPolicy):
         """(B,) float timesteps sigma * N with sigma uniform in [0, 1), on the CPU."""
         return torch.rand(batch, generator=generator) * self.scheduler.config.num_train_timesteps
 
+    def clean_scale(self, t: Tensor) -> Tensor:
+        """x0_hat = x_s - sigma v: slope sigma, the flow time of ``t``."""
+        return self.noise_level(t.to(self.device)).float()
+
     def _matching_prediction(
         self, clean: Tensor, conditioning: dict[str, Tensor], t: Tensor, noise: Tensor
     ) -> tuple[Tensor, Tensor]:

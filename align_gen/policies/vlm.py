@@ -421,9 +421,13 @@ class VLMPolicy(TrainableWeights):
         noise: Tensor,
         clean: Tensor | None = None,
         references: Sequence[dict[str, Tensor] | None] = (None,),
+        residuals: bool = False,
     ) -> MatchingTerms:
         """The answers' NLL under the current model (WITH grad) and each reference (no grad),
-        and the mean per-token KL(pi_theta || pi_ref) (grad through the current model)."""
+        and the mean per-token KL(pi_theta || pi_ref) (grad through the current model). A token
+        has no regression residual: ``residuals`` raises ValueError."""
+        if residuals:
+            raise ValueError("matching residuals are a denoiser's (prediction - target); a VLM's loss is a token NLL.")
         answers = self._answers(rollout, clean)
         index = answers.clamp(min=0).unsqueeze(-1)
         reference_log_probs = []
