@@ -315,15 +315,14 @@ class DenoiserPolicy(TrainableWeights):
             steps = steps.expand(len(rollout), -1)
         if normalized_ratio and rollout.step_means is None:
             raise ValueError("the normalised ratio needs each step's sampling mean: sample with keep_step_means=True.")
-        pieces = [self._transitions(rollout, part) for part in self.step_pieces(steps)]
-        references: list[Tensor | None] = [None] * len(pieces)
+        parts = self.step_pieces(steps)
+        references: list[Tensor | None] = [None] * len(parts)
         if kl:  # every reference pass first: reference() may swap weights in place
             with torch.no_grad(), self.reference():
-                references = [self._denoise(*piece[:3]) for piece in pieces]
+                references = [self._denoise(*self._transitions(rollout, part)[:3]) for part in parts]
         scores = []
-        for (latents, timesteps, conditioning, index, prev_latents, rows), reference_output in zip(
-            pieces, references, strict=True
-        ):
+        for part, reference_output in zip(parts, references, strict=True):
+            latents, timesteps, conditioning, index, prev_latents, rows = self._transitions(rollout, part)
             old_mean = rollout.step_means[rows, index] if normalized_ratio else None
             model_output = self._denoise(latents, timesteps, conditioning)
             scores.append(
