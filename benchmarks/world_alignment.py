@@ -1,4 +1,4 @@
-"""DDPO, REBEL, AWM, SePPO and Diffusion-DPO aligning the tiny world's diffusion model to the world's CLIP score.
+"""The objectives aligning the tiny world's diffusion model to the world's CLIP score, and their race.
 
 What is measured: each method trains the shipped world model (``align_gen/world/weights/sd``)
 with ``align_gen.train.train`` on its config ``configs/tiny/<method>_world_clipscore.yaml``
@@ -15,7 +15,14 @@ error, samples used, and wall time (the trainer's sampling + reward + update clo
 loading, grids, evaluations and checkpoints excluded). The plot shows held-out reward vs samples
 used. Methods run one after the other in this process; ``--reuse`` re-reads finished runs.
 ``--json`` writes the result (``harness.BenchmarkResult``: one row per method, the held-out curves
-under ``extra["curves"]``).
+under ``extra["curves"]`` and ``extra["time_curves"]``).
+
+The race (when DDPO is among the methods): each method's held-out reward against its training
+seconds (the same clocks, summed over the epochs before each evaluation), and the seconds it
+needs to reach DDPO's final held-out reward (linear between evaluations; "not reached" when it
+never does), as a ratio to DDPO's own: below 1 = faster than DDPO. ``--race-plot`` draws the
+reward-against-seconds curves. Seconds are only comparable between methods run in one process
+on a quiet machine.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py --samples 128 --methods awm --json /tmp/w.json --plot /tmp/w.png
@@ -65,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true", help="analyse the runs in --output-dir, do not train")
     parser.add_argument("--plot", type=Path, default=RESULTS / "world_alignment.png")
     parser.add_argument("--json", type=Path, default=RESULTS / "world_alignment.json")
+    parser.add_argument("--race-plot", type=Path, default=None, help="held-out reward against training seconds")
     return parser.parse_args()
 
 
@@ -103,8 +111,37 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         "samples": sum(row["samples"] for row in metrics),
         "train_wall_s": sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics),
         "curve": [(row["epochs_done"] * per_epoch, row["reward_mean"]) for row in evaluations],
+        "time_curve": [(training_seconds(metrics, row["epochs_done"]), row["reward_mean"]) for row in evaluations],
         "config": str(config_path),
     }
+
+
+def training_seconds(metrics: list[dict], epochs: int) -> float:
+    """The trainer's sampling + reward + update seconds of the first ``epochs`` epochs."""
+    return sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics if row["epoch"] < epochs)
+
+
+def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first seconds at which the (seconds, reward) ``curve`` reaches ``target``, linear
+    between its points; None when it never does."""
+    for (t0, r0), (t1, r1) in zip(curve, curve[1:], strict=False):
+        if r1 >= target:
+            return t0 if r0 >= target else t0 + (target - r0) / (r1 - r0) * (t1 - t0)
+    return None
+
+
+def race(rows: list[dict], reference: str = "ddpo") -> list[dict]:
+    """Each method's seconds to reach the reference method's final held-out reward and its
+    ratio to the reference's own seconds (None when not reached)."""
+    by_name = {row["name"]: row for row in rows}
+    target = by_name[reference]["after"]
+    reference_time = time_to_reach(by_name[reference]["time_curve"], target)
+    results = []
+    for row in rows:
+        seconds = time_to_reach(row["time_curve"], target)
+        ratio = None if seconds is None or not reference_time else seconds / reference_time
+        results.append({"name": row["name"], "target": target, "seconds_to_target": seconds, "ratio_to_reference": ratio})
+    return results
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -130,7 +167,22 @@ def main() -> None:
     )
     title = f"world model, world CLIP score, {args.samples} samples each, seed {args.seed}, {machine['cpu']}"
     plot(rows, args.plot, title)
-    curves = {row["name"]: [list(point) for point in row.pop("curve")] for row in rows}
+    notes, extra = [], {}
+    if "ddpo" in args.methods:
+        results = race(rows)
+        extra["race"] = results
+        notes.append(f"race: seconds to reach DDPO's final held-out reward {results[0]['target']:.4f} (ratio to DDPO's)")
+        for entry in results:
+            seconds, ratio = entry["seconds_to_target"], entry["ratio_to_reference"]
+            shown = "not reached" if seconds is None else f"{seconds:.0f} s ({ratio:.2f}x DDPO's)"
+            notes.append(f"  {entry['name']}: {shown}")
+        if args.race_plot:
+            series = {row["name"]: tuple(map(list, zip(*row["time_curve"], strict=True))) for row in rows}
+            save_line_plot(series, args.race_plot, xlabel="training seconds", ylabel="held-out world CLIP score (mean)", title=title)
+    for note in notes:
+        print(note)
+    extra["curves"] = {row["name"]: [list(point) for point in row.pop("curve")] for row in rows}
+    extra["time_curves"] = {row["name"]: [list(point) for point in row.pop("time_curve")] for row in rows}
     result = BenchmarkResult(
         benchmark="world_alignment",
         description=__doc__.splitlines()[0],
@@ -138,7 +190,8 @@ def main() -> None:
         machine=machine,
         rows=rows,
         table=table,
-        extra={"curves": curves},
+        notes=notes,
+        extra=extra,
     )
     publish(result, args.json)
 

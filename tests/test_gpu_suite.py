@@ -180,6 +180,10 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     if module == "reward_vs_time":
         assert result.extra["target"] == 0.25 and len(result.extra["curves"]["rebel"]) == 3
         assert result.comparison("rebel / ddpo seconds to target").value == pytest.approx(7 / 4)
+    if module == "world_alignment":  # the race to DDPO's final held-out reward, 0.2: 3 s per epoch
+        race = {entry["name"]: entry for entry in result.extra["race"]}
+        assert race["ddpo"]["seconds_to_target"] == pytest.approx(1.5)  # 0.1 at 0 s, 0.3 at 3 s
+        assert race["rebel"]["seconds_to_target"] == pytest.approx(3.0) and race["rebel"]["ratio_to_reference"] == pytest.approx(2.0)
 
 
 def test_the_schema_refuses_what_it_cannot_render_and_reads_older_results(tmp_path: Path) -> None:
