@@ -594,6 +594,27 @@ def format_flops(
     return f"{label}: {flops / 1e12:.4g} TFLOP, {report['tflops']:.4g} TFLOP/s achieved, MFU {mfu_text}"
 
 
+def run_settings(args: argparse.Namespace, dtype: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as a dict (for ``align_gen.config.from_dict``) from the common flags: the
+    seed, ``--model`` at ``dtype``, and the sampler (``--steps``, ``--eta``,
+    ``--guidance-scale``, ``--batch-size``, ``--num-batches`` batches per epoch), each section
+    of ``sections`` merged over it (``sample={"samples_per_prompt": 2}``, ``objective=...``)."""
+    settings: dict[str, Any] = {
+        "seed": args.seed,
+        "model": {"pretrained": args.model, "dtype": dtype},
+        "sample": {
+            "num_steps": args.steps,
+            "eta": args.eta,
+            "guidance_scale": args.guidance_scale,
+            "batch_size": args.batch_size,
+            "num_batches_per_epoch": args.num_batches,
+        },
+    }
+    for key, values in sections.items():
+        settings[key] = {**settings.get(key, {}), **values}
+    return settings
+
+
 def build_like_train(config, device: str):
     """(accelerator, policy, objective, optimizer) built in the order ``align_gen.train.train``
     builds them: objective checked, policy, AdamW (or 8-bit), ``objective.setup``, then

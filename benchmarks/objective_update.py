@@ -9,8 +9,9 @@ advantages (the reward does not change the cost of an update); then ``update`` r
 once to warm up and ``--repeats`` times timed. Reported per objective: sampling seconds of the
 epoch, median update seconds, samples/s of the update (rollouts per second of update), samples/s
 of the whole epoch (sampling + update) and, on CUDA, the peak memory allocated during the
-updates. All objectives use the same model, LoRA, sampler and minibatch; REBEL's pairs and AWM's
-groups come from ``sample.samples_per_prompt = 2``. Beside each wall-clock time, the process's CPU
+updates. All objectives use the same model, LoRA, sampler and minibatch; REBEL's and
+Diffusion-DPO's pairs and the groups of AWM, GRPO and NFT come from ``sample.samples_per_prompt =
+2``; NFT samples with its EMA sampling policy. Beside each wall-clock time, the process's CPU
 time over the same call. ``--json OUT`` writes the result (``harness.BenchmarkResult``: one row per
 objective).
 
@@ -34,6 +35,7 @@ from harness import (
     publish,
     resolve_dtype,
     resolve_model,
+    run_settings,
     settings_of,
     timed,
     timing_numbers,
@@ -43,7 +45,7 @@ from align_gen.config import RunConfig, from_dict
 from align_gen.prompts import load_prompts
 from align_gen.train import collect_rollouts, epoch_generator, update
 
-OBJECTIVES = ("ddpo", "rebel", "awm", "seppo")
+OBJECTIVES = ("ddpo", "grpo", "rebel", "awm", "seppo", "diffusion_dpo", "nft")
 SEPPO_WINNERS = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "data" / "shapes"
 
 
@@ -60,24 +62,16 @@ def parse_args() -> argparse.Namespace:
 def run_config(args: argparse.Namespace, objective: str, dtype: str) -> RunConfig:
     """One objective's run with the shared settings (each objective's own defaults otherwise)."""
     prompts = args.seppo_winners if objective == "seppo" else "builtin:simple_animals"
-    return from_dict(
-        RunConfig,
-        {
-            "seed": args.seed,
-            "model": {"pretrained": args.model, "dtype": dtype},
-            "sample": {
-                "num_steps": args.steps,
-                "eta": args.eta,
-                "guidance_scale": args.guidance_scale,
-                "batch_size": args.batch_size,
-                "num_batches_per_epoch": args.num_batches,
-                "samples_per_prompt": 2,
-            },
-            "train": {"mixed_precision": args.mixed_precision},
-            "objective": {"name": objective},
-            "prompts": {"source": prompts},
-        },
+    settings = run_settings(
+        args,
+        dtype,
+        sample={"samples_per_prompt": 2},
+        train={"mixed_precision": args.mixed_precision},
+        objective={"name": objective},
+        advantage={"kind": "group"},  # what grpo requires; the advantages are drawn at random anyway
+        prompts={"source": prompts},
     )
+    return from_dict(RunConfig, settings)
 
 
 def measure(args: argparse.Namespace, name: str, dtype: str) -> dict:

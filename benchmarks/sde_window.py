@@ -33,6 +33,7 @@ from harness import (
     publish,
     resolve_dtype,
     resolve_model,
+    run_settings,
     settings_of,
     time_ratio,
     timing_numbers,
@@ -54,26 +55,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def config_of(args: argparse.Namespace, dtype: str, window: int) -> RunConfig:
-    objective = {"name": args.objective} if args.objective == "ddpo" else {"name": "grpo"}
-    return from_dict(
-        RunConfig,
-        {
-            "seed": args.seed,
-            "model": {"pretrained": args.model, "dtype": dtype},
-            "sample": {
-                "num_steps": args.steps,
-                "eta": args.eta,
-                "guidance_scale": args.guidance_scale,
-                "batch_size": args.batch_size,
-                "num_batches_per_epoch": args.num_batches,
-                "samples_per_prompt": 2,
-                "sde_window": {"size": window},
-            },
-            "objective": objective,
-            "advantage": {"kind": "group"},
-            "prompts": {"source": args.prompts},
-        },
+    settings = run_settings(
+        args,
+        dtype,
+        sample={"samples_per_prompt": 2, "sde_window": {"size": window}},
+        objective={"name": args.objective},
+        advantage={"kind": "group"},
+        prompts={"source": args.prompts},
     )
+    return from_dict(RunConfig, settings)
 
 
 def main() -> None:

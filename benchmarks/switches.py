@@ -48,6 +48,7 @@ from harness import (
     publish,
     resolve_dtype,
     resolve_model,
+    run_settings,
     settings_of,
     time_ratio,
     timed,
@@ -91,19 +92,7 @@ def parse_args() -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace, dtype: str) -> dict:
     """The baseline run (DDPO, LoRA, anchor defaults elsewhere) as a config dict."""
-    return {
-        "seed": args.seed,
-        "model": {"pretrained": args.model, "dtype": dtype},
-        "sample": {
-            "num_steps": args.steps,
-            "eta": args.eta,
-            "guidance_scale": args.guidance_scale,
-            "batch_size": args.batch_size,
-            "num_batches_per_epoch": args.num_batches,
-        },
-        "train": {"mixed_precision": args.mixed_precision},
-        "objective": {"name": "ddpo"},
-    }
+    return run_settings(args, dtype, train={"mixed_precision": args.mixed_precision}, objective={"name": "ddpo"})
 
 
 @dataclasses.dataclass

@@ -140,6 +140,8 @@ TINY_RUNS = [
     ("switches", ["--switches", "steps_per_forward", "sdpa_efficient", "--k", "2", "--batch-size", "2",
                   "--num-batches", "1", "--steps", "2", "--repeats", "1"], "steps_per_forward"),
     ("rebel_memory", ["--batch-size", "2", "--steps", "1", "2"], "2 steps"),
+    ("sde_window", ["--steps", "2", "--window", "1", "--batch-size", "2", "--num-batches", "1", "--repeats", "1",
+                    "--prompts", "builtin:shapes"], "window"),
     ("reward_vs_time", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
     ("world_alignment", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
 ]
