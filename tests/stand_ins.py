@@ -110,10 +110,14 @@ class RewardStandIns:
         raise KeyError(f"no stand-in for the reward {reward!r}: add one to tests/stand_ins.py")
 
 
-def prompt_source(source: str, *, vision_language: bool, winners: bool) -> str:
-    """A local source of the same kind for a hub dataset (builtin: and local sources stay)."""
+def prompt_source(source: str, *, vision_language: bool, winners: bool, pairs: bool = False) -> str:
+    """A local source of the same kind for a hub dataset (builtin: and local sources stay):
+    questions about images, (prompt, image) winners, (preferred, rejected) pairs (the world's
+    drawn scenes, rendered offline) or prompts."""
     if not source.startswith("hf:"):
         return source
     if vision_language:
         return str(TINY_DATA / "shape_questions.jsonl")
+    if pairs:
+        return "world:train:16"
     return str(TINY_DATA / "shapes") if winners else "builtin:shapes"

@@ -43,7 +43,11 @@ def tiny_overrides(config: RunConfig, rewards: RewardStandIns, output_dir: Path)
     vision_language = "vl" in stand_in or "llava" in stand_in
     group = min(config.sample.samples_per_prompt, 2)
     batch = 2 if group == 1 else group
-    source = prompt_source(config.prompts.source, vision_language=vision_language, winners=config.objective.name == "seppo")
+    pairs = getattr(config.objective, "pairs", "online") == "dataset"  # offline Diffusion-DPO
+    source = prompt_source(
+        config.prompts.source, vision_language=vision_language, winners=config.objective.name == "seppo", pairs=pairs
+    )
+    window = ["sample.sde_window.size=1", "sample.sde_window.span=2"] if config.sample.sde_window.size else []
     reward_options = {name: rewards.options(name, config.reward.options.get(name, {})) for name in config.reward.weights}
     return [
         f"model.pretrained={stand_in}",
@@ -51,6 +55,7 @@ def tiny_overrides(config: RunConfig, rewards: RewardStandIns, output_dir: Path)
         "train.mixed_precision='no'",
         "sample.resolution=null",
         "sample.num_steps=2",
+        *window,  # a window that fits the 2 steps
         "sample.max_new_tokens=4",
         f"sample.samples_per_prompt={group}",
         f"sample.batch_size={batch}",
