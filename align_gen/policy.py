@@ -113,9 +113,8 @@ class Policy(Protocol):
           temperature, summed over the vocabulary. One more forward pass of the reference model
           per piece, without grad.
         - ``normalized_ratio`` (diffusion only; the rollout must have ``step_means``):
-          GRPO-Guard's normalised log-ratio to the sampling step.
-
-        A diffusion policy also reports each step's ``gain`` (d mean / d model output).
+          GRPO-Guard's normalised log-ratio to the sampling step, and each step's ``gain``
+          (d mean / d model output), by which GRPO-Guard re-weights the steps.
         """
         ...
 

@@ -210,7 +210,8 @@ class StepScores:
             state, WITH grad; None unless asked for.
         normalized_log_ratio: GRPO-Guard's normalised log-ratio to the sampling step (diffusion
             only), WITH grad; None unless asked for.
-        gain: |d mean / d model output| of each step's Gaussian kernel (diffusion; None for a VLM).
+        gain: |d mean / d model output| of each step's Gaussian kernel, with the normalised
+            log-ratio (GRPO-Guard re-weights the steps by it); else None.
     """
 
     log_prob: Tensor

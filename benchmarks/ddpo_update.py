@@ -67,6 +67,7 @@ from harness import (
     publish,
     resolve_dtype,
     resolve_model,
+    run_settings,
     settings_of,
     time_ratio,
     timed,
@@ -131,26 +132,18 @@ def parse_args() -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, dtype: str) -> RunConfig:
     """The RunConfig of a DDPO run with these settings (anchor defaults elsewhere)."""
-    return from_dict(
-        RunConfig,
-        {
-            "seed": args.seed,
-            "model": {"pretrained": args.model, "dtype": dtype, "lora": {"enabled": args.lora}},
-            "sample": {
-                "num_steps": args.steps,
-                "eta": args.eta,
-                "guidance_scale": args.guidance_scale,
-                "batch_size": args.batch_size,
-                "num_batches_per_epoch": args.num_batches,
-            },
-            "train": {
-                "batch_size": args.train_batch_size,
-                "mixed_precision": args.mixed_precision,
-                "steps_per_forward": args.steps_per_forward,
-            },
-            "objective": {"name": "ddpo"},
+    settings = run_settings(
+        args,
+        dtype,
+        model={"lora": {"enabled": args.lora}},
+        train={
+            "batch_size": args.train_batch_size,
+            "mixed_precision": args.mixed_precision,
+            "steps_per_forward": args.steps_per_forward,
         },
+        objective={"name": "ddpo"},
     )
+    return from_dict(RunConfig, settings)
 
 
 # ------------------------------------------------------------------------------------------------

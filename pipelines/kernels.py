@@ -118,9 +118,7 @@ def gaussian_kl(mean: Tensor, reference_mean: Tensor, std: Tensor, reduce: Reduc
 def _check_ddim_scheduler(scheduler: DDIMScheduler, eta: float, deterministic_ok: bool = False) -> None:
     """Raises a ValueError for a scheduler or eta the DDIM kernel cannot handle (eta = 0, the
     deterministic DDIM, only with ``deterministic_ok``: a step table's mean without log-probs)."""
-    if deterministic_ok and eta == 0:
-        pass
-    elif not eta > 0:  # also catches NaN
+    if not (eta > 0 or (deterministic_ok and eta == 0)):  # also catches NaN
         raise ValueError(
             f"log-probs need a stochastic step: eta must be > 0 (got {eta}); use eta=0 only for "
             "deterministic sampling without log-probs, via the scheduler itself."

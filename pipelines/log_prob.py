@@ -82,13 +82,14 @@ class TransitionScores:
         normalized_log_ratio: GRPO-Guard's log-ratio to the sampling step, s (log pi_theta -
             log pi_old + mean|mu_theta - mu_old|^2 / (2 s^2)) = mean((x_{t-1} - mu_old) / s *
             (mu_theta - mu_old)), WITH grad; None unless the sampling step's mean was given.
-        gain: |d mu / d model output| of each step's kernel (no grad).
+        gain: |d mu / d model output| of each step's kernel (no grad), with the normalised
+            log-ratio (GRPO-Guard re-weights the steps by it); else None.
     """
 
     log_prob: Tensor
     kl: Tensor | None
     normalized_log_ratio: Tensor | None
-    gain: Tensor
+    gain: Tensor | None
 
 
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
@@ -175,22 +176,22 @@ class LogProbMixin:
         (``latents`` -> ``prev_latents``) given the denoiser's ``model_output`` (WITH grad):
         their log-prob, as :meth:`transition` computes it, and on request their closed-form KL
         to the step a ``reference_output`` of another model makes, and GRPO-Guard's normalised
-        log-ratio to the sampling step whose mean was ``old_mean`` (see
+        log-ratio to the sampling step whose mean was ``old_mean`` with the steps' gains (see
         :class:`TransitionScores`)."""
         table = self.step_table(stochasticity)
         mean, std = table.mean_and_std(model_output, step_index, latents)
         if stochasticity == 0:  # the ODE: no log-density, 0 as sampling records (the graph kept)
-            zeros = mean.flatten(1).mean(dim=1) * 0
-            return TransitionScores(zeros, None, None, table.output_gain(step_index).to(zeros.device))
+            return TransitionScores(mean.flatten(1).mean(dim=1) * 0, None, None, None)
         log_prob = gaussian_log_prob(prev_latents, mean, std)
         kl = None
         if reference_output is not None:
             kl = gaussian_kl(mean, table.mean_and_std(reference_output, step_index, latents)[0], std)
-        normalized = None
+        normalized = gain = None
         if old_mean is not None:
             noise = (prev_latents.float() - old_mean.float()) / std  # the sampling step's eps
             normalized = (noise * (mean - old_mean.float())).flatten(1).mean(dim=1)
-        return TransitionScores(log_prob, kl, normalized, table.output_gain(step_index).to(log_prob.device))
+            gain = table.output_gain(step_index).to(log_prob.device)
+        return TransitionScores(log_prob, kl, normalized, gain)
 
     def build_step_table(self, stochasticity: float, device: torch.device):
         """The per-step scalars of the sampler on the current grid at ``stochasticity``, on

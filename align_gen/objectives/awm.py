@@ -29,7 +29,7 @@ import torch
 
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective, ObjectiveConfig
+from align_gen.objectives.base import Objective, ObjectiveConfig, move_average
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -166,9 +166,7 @@ class AWM(Objective):
 
     def end_epoch(self, policy: Policy, global_step: int) -> dict[str, float]:
         if self.ema is not None:
-            decay = self.config.ema_decay
-            for name, value in policy.trainable_state_dict().items():
-                self.ema[name].mul_(decay).add_(value, alpha=1 - decay)
+            move_average(self.ema, policy.trainable_state_dict(), self.config.ema_decay)
         return {}
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -87,6 +87,13 @@ class Objective:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)[:3]}.")
 
 
+def move_average(average: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
+    """``average`` <- decay ``average`` + (1 - decay) ``weights``, in place, tensor by tensor: an
+    exponential moving average of the trainable weights (AWM's EMA, NFT's sampling policy)."""
+    for name, value in weights.items():
+        average[name].mul_(decay).add_(value, alpha=1 - decay)
+
+
 def check_paired_run(run: RunConfig, name: str) -> None:
     """Raises ConfigError unless the run draws pairs of samples per prompt (consecutive samples,
     ``sample.samples_per_prompt`` even) and trains on whole pairs (``train.batch_size`` even)."""

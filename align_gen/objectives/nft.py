@@ -44,7 +44,7 @@ import torch
 
 from align_gen.errors import ConfigError
 from align_gen.objectives import register_objective
-from align_gen.objectives.base import Objective, ObjectiveConfig
+from align_gen.objectives.base import Objective, ObjectiveConfig, move_average
 from align_gen.policy import Policy
 from align_gen.types import LossOutput, Rollout
 
@@ -187,8 +187,7 @@ class NFT(Objective):
     def end_epoch(self, policy: Policy, global_step: int) -> dict[str, float]:
         """The sampling policy moves toward the trained weights: old = d old + (1 - d) weights."""
         decay = sampling_policy_decay(self.config, global_step)
-        for name, value in policy.trainable_state_dict().items():
-            self.old[name].mul_(decay).add_(value, alpha=1 - decay)
+        move_average(self.old, policy.trainable_state_dict(), decay)
         return {"sampling_policy_decay": decay}
 
     def state_dict(self) -> dict[str, Tensor]:

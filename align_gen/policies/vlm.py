@@ -92,6 +92,12 @@ def pick_tokens(log_probs: Tensor, tokens: Tensor) -> Tensor:
     return log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(tokens < 0, 0.0)
 
 
+def token_kl(log_probs: Tensor, reference_log_probs: Tensor, tokens: Tensor) -> Tensor:
+    """(B, T) KL(pi || pi_ref) of each token's distribution, sum_v pi (log pi - log pi_ref), from
+    (B, T, V) vocabulary log-probs of both; 0 where ``tokens`` is padding (-1)."""
+    return (log_probs.exp() * (log_probs - reference_log_probs)).sum(dim=-1).masked_fill(tokens < 0, 0.0)
+
+
 def masked_token_mean(values: Tensor, tokens: Tensor) -> Tensor:
     """(B,) mean of (B, T) ``values`` over each answer's tokens (``tokens`` >= 0)."""
     mask = (tokens >= 0).float()
@@ -371,7 +377,7 @@ class VLMPolicy(TrainableWeights):
             reference = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
         current = vocabulary_log_probs(self._answer_logits(rollout.conditioning, answers), temperature, self.excluded_tokens)
         log_probs = pick_tokens(current, answers)  # (B, T)
-        divergence = (current.exp() * (current - reference)).sum(dim=-1).masked_fill(answers < 0, 0.0)  # (B, T)
+        divergence = token_kl(current, reference, answers)  # (B, T)
         steps = torch.as_tensor(steps, device=self.device)
         return StepScores(_at_steps(log_probs, steps), _at_steps(divergence, steps))
 
@@ -440,8 +446,7 @@ class VLMPolicy(TrainableWeights):
             return -masked_token_mean(full.gather(-1, index).squeeze(-1), answers)
 
         def kl(reference: Tensor) -> Tensor:
-            per_token = (log_probs.exp() * (log_probs - reference)).sum(dim=-1)
-            return masked_token_mean(per_token, answers)
+            return masked_token_mean(token_kl(log_probs, reference, answers), answers)
 
         return MatchingTerms(
             loss=nll(log_probs),
