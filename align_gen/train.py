@@ -236,15 +236,15 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     config, accelerator, policy = run.config, run.accelerator, run.policy
     generator = epoch_generator(config.seed, epoch, accelerator.process_index)
     torch.manual_seed(generator.initial_seed())  # anything drawing from the global RNG
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     rollouts = collect_rollouts(policy, run.objective, run.prompts, config, generator, accelerator, epoch=epoch)
     sampled = time.perf_counter()
 
     all_rewards = assign_rewards(run, rollouts)
-    monitoring = time.perf_counter()
+    monitoring, cpu_monitoring = time.perf_counter(), time.process_time()
     monitor_metrics = run.monitors.measure(epoch, policy, rollouts, float(all_rewards.mean()))  # no grad
-    monitored = time.perf_counter()
+    monitored, cpu_monitored = time.perf_counter(), time.process_time()
 
     # (a non-finite loss, gradient or weight stops the run here, before any save)
     update_metrics, steps = update(policy, run.objective, run.optimizer, rollouts, config, generator, accelerator)
@@ -252,7 +252,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     run.updates_done = epoch + 1
     run.global_step += steps
     update_metrics.update(run.objective.end_epoch(policy, run.global_step))
-    finished = time.perf_counter()
+    finished, cpu_finished = time.perf_counter(), time.process_time()
 
     metrics = {
         "epoch": epoch,
@@ -266,6 +266,8 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
         "time_sampling_s": sampled - started,
         "time_monitors_s": monitored - monitoring,
         "time_update_s": finished - sampled - (monitored - monitoring),  # rewards and update
+        # this process's CPU seconds for sampling, rewards and update (all its threads)
+        "time_cpu_s": cpu_finished - cpu_started - (cpu_monitored - cpu_monitoring),
     }
     run.log.log(metrics)
     end_epoch(run, epoch + 1)

@@ -12,7 +12,8 @@ paired across evaluations) before training, every ``--eval-every`` epochs and af
 
 Reported per method: held-out reward before and after, the paired change with its standard
 error, samples used, and wall time (the trainer's sampling + reward + update clocks; model
-loading, grids, evaluations and checkpoints excluded). The plot shows held-out reward vs samples
+loading, grids, evaluations and checkpoints excluded) with the process's CPU time over the same
+spans (``time_cpu_s`` in the trainer's metrics: a check on the wall clock of a shared machine). The plot shows held-out reward vs samples
 used. Methods run one after the other in this process; ``--reuse`` re-reads finished runs.
 ``--json`` writes the result (``harness.BenchmarkResult``: one row per method, the held-out curves
 under ``extra["curves"]`` and ``extra["time_curves"]``).
@@ -21,8 +22,8 @@ The race (when DDPO is among the methods): each method's held-out reward against
 seconds (the same clocks, summed over the epochs before each evaluation), and the seconds it
 needs to reach DDPO's final held-out reward (linear between evaluations; "not reached" when it
 never does), as a ratio to DDPO's own: below 1 = faster than DDPO. ``--race-plot`` draws the
-reward-against-seconds curves. Seconds are only comparable between methods run in one process
-on a quiet machine.
+reward-against-seconds curves. The race is also reported on CPU seconds (``extra["race_cpu"]``).
+Seconds are only comparable between methods run in one process on a quiet machine.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_alignment.py --samples 128 --methods awm --json /tmp/w.json --plot /tmp/w.png
@@ -109,16 +110,22 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         "change": change,
         "change_se": error,
         "samples": sum(row["samples"] for row in metrics),
-        "train_wall_s": sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics),
+        "train_wall_s": training_seconds(metrics, len(metrics)),
+        "train_cpu_s": training_seconds(metrics, len(metrics), cpu=True),
         "curve": [(row["epochs_done"] * per_epoch, row["reward_mean"]) for row in evaluations],
         "time_curve": [(training_seconds(metrics, row["epochs_done"]), row["reward_mean"]) for row in evaluations],
+        "cpu_curve": [(training_seconds(metrics, row["epochs_done"], cpu=True), row["reward_mean"]) for row in evaluations],
         "config": str(config_path),
     }
 
 
-def training_seconds(metrics: list[dict], epochs: int) -> float:
-    """The trainer's sampling + reward + update seconds of the first ``epochs`` epochs."""
-    return sum(row["time_sampling_s"] + row["time_update_s"] for row in metrics if row["epoch"] < epochs)
+def training_seconds(metrics: list[dict], epochs: int, cpu: bool = False) -> float:
+    """The trainer's sampling + reward + update seconds of the first ``epochs`` epochs: wall
+    seconds, or with ``cpu`` the process's CPU seconds over the same spans."""
+    def seconds(row: dict) -> float:
+        return row["time_cpu_s"] if cpu else row["time_sampling_s"] + row["time_update_s"]
+
+    return sum(seconds(row) for row in metrics if row["epoch"] < epochs)
 
 
 def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -130,18 +137,28 @@ def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
     return None
 
 
-def race(rows: list[dict], reference: str = "ddpo") -> list[dict]:
+def race(rows: list[dict], reference: str = "ddpo", curve: str = "time_curve") -> list[dict]:
     """Each method's seconds to reach the reference method's final held-out reward and its
-    ratio to the reference's own seconds (None when not reached)."""
+    ratio to the reference's own seconds (None when not reached), on the rows' ``curve``
+    ("time_curve": wall seconds, "cpu_curve": CPU seconds)."""
     by_name = {row["name"]: row for row in rows}
     target = by_name[reference]["after"]
-    reference_time = time_to_reach(by_name[reference]["time_curve"], target)
+    reference_time = time_to_reach(by_name[reference][curve], target)
     results = []
     for row in rows:
-        seconds = time_to_reach(row["time_curve"], target)
+        seconds = time_to_reach(row[curve], target)
         ratio = None if seconds is None or not reference_time else seconds / reference_time
         results.append({"name": row["name"], "target": target, "seconds_to_target": seconds, "ratio_to_reference": ratio})
     return results
+
+
+def race_entry_text(entry: dict) -> str:
+    """"12 s (0.50x DDPO's)", "not reached", or without the ratio when DDPO's own time is 0
+    (its reward at the start already met its final one)."""
+    seconds, ratio = entry["seconds_to_target"], entry["ratio_to_reference"]
+    if seconds is None:
+        return "not reached"
+    return f"{seconds:.0f} s" + ("" if ratio is None else f" ({ratio:.2f}x DDPO's)")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -162,20 +179,21 @@ def main() -> None:
         f"budget {args.samples} samples per method; seconds = sampling + reward + update"
     )
     table = Table.of(
-        ["method", "before", "after", "change", "+- se", "samples", "seconds"],
-        [[r["name"], r["before"], r["after"], r["change"], r["change_se"], r["samples"], r["train_wall_s"]] for r in rows],
+        ["method", "before", "after", "change", "+- se", "samples", "seconds", "CPU seconds"],
+        [
+            [r["name"], r["before"], r["after"], r["change"], r["change_se"], r["samples"], r["train_wall_s"], r["train_cpu_s"]]
+            for r in rows
+        ],
     )
     title = f"world model, world CLIP score, {args.samples} samples each, seed {args.seed}, {machine['cpu']}"
     plot(rows, args.plot, title)
     notes, extra = [], {}
     if "ddpo" in args.methods:
-        results = race(rows)
-        extra["race"] = results
+        results, cpu_results = race(rows), race(rows, curve="cpu_curve")
+        extra["race"], extra["race_cpu"] = results, cpu_results
         notes.append(f"race: seconds to reach DDPO's final held-out reward {results[0]['target']:.4f} (ratio to DDPO's)")
-        for entry in results:
-            seconds, ratio = entry["seconds_to_target"], entry["ratio_to_reference"]
-            shown = "not reached" if seconds is None else f"{seconds:.0f} s ({ratio:.2f}x DDPO's)"
-            notes.append(f"  {entry['name']}: {shown}")
+        for entry, cpu_entry in zip(results, cpu_results, strict=True):
+            notes.append(f"  {entry['name']}: {race_entry_text(entry)}; CPU {race_entry_text(cpu_entry)}")
         if args.race_plot:
             series = {row["name"]: tuple(map(list, zip(*row["time_curve"], strict=True))) for row in rows}
             save_line_plot(series, args.race_plot, xlabel="training seconds", ylabel="held-out world CLIP score (mean)", title=title)
@@ -183,6 +201,7 @@ def main() -> None:
         print(note)
     extra["curves"] = {row["name"]: [list(point) for point in row.pop("curve")] for row in rows}
     extra["time_curves"] = {row["name"]: [list(point) for point in row.pop("time_curve")] for row in rows}
+    extra["cpu_curves"] = {row["name"]: [list(point) for point in row.pop("cpu_curve")] for row in rows}
     result = BenchmarkResult(
         benchmark="world_alignment",
         description=__doc__.splitlines()[0],

@@ -123,10 +123,10 @@ def run_in_process(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch
 def fake_training_runs(out: Path) -> None:
     """What reward_vs_time.py and world_alignment.py --reuse read: a finished run's metrics.jsonl
     (and evaluation.jsonl) per method, without training."""
-    for method, rewards in (("ddpo", [0.1, 0.3, 0.2]), ("rebel", [0.1, 0.2, 0.25])):
+    for method, rewards, cpu_seconds in (("ddpo", [0.1, 0.3, 0.2], 2.0), ("rebel", [0.1, 0.2, 0.25], 1.0)):
         (out / method).mkdir(parents=True)
         rows = [{"epoch": e, "epochs_done": e, "reward_mean": r, "samples": 8, "time_sampling_s": 1.0,
-                 "time_update_s": 2.0} for e, r in enumerate(rewards)]
+                 "time_update_s": 2.0, "time_cpu_s": cpu_seconds} for e, r in enumerate(rewards)]
         (out / method / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         scores = [{"epochs_done": e, "reward_mean": r, "scores": [r, r + 0.1, r - 0.05]} for e, r in enumerate(rewards)]
         (out / method / "evaluation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scores))
@@ -186,6 +186,9 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
         race = {entry["name"]: entry for entry in result.extra["race"]}
         assert race["ddpo"]["seconds_to_target"] == pytest.approx(1.5)  # 0.1 at 0 s, 0.3 at 3 s
         assert race["rebel"]["seconds_to_target"] == pytest.approx(3.0) and race["rebel"]["ratio_to_reference"] == pytest.approx(2.0)
+        cpu_race = {entry["name"]: entry for entry in result.extra["race_cpu"]}  # 2 and 1 CPU s per epoch
+        assert cpu_race["ddpo"]["seconds_to_target"] == pytest.approx(1.0)
+        assert cpu_race["rebel"]["seconds_to_target"] == pytest.approx(1.0) and cpu_race["rebel"]["ratio_to_reference"] == pytest.approx(1.0)
 
 
 def test_the_schema_refuses_what_it_cannot_render_and_reads_older_results(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from align_gen.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "ddpo_tiny_compressibility.yaml"
-TIMING_KEYS = {"time_sampling_s", "time_monitors_s", "time_update_s"}
+TIMING_KEYS = {"time_sampling_s", "time_monitors_s", "time_update_s", "time_cpu_s"}
 
 # A fast variant of the tiny compressibility config: 3 denoising steps, 4 samples per epoch.
 FAST = [
