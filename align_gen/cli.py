@@ -160,7 +160,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              help="folder with LoRA weights to load on MODEL (what align-gen train saves)")
         command.add_argument(
             "--prompts",
-            required=True,
+            required=name != "evaluate",  # evaluate takes --prompts or --benchmark
             help="prompt file (.txt, .jsonl), builtin:NAME or hf:<dataset id>[@split][#column]; for a VLM an "
             "(image, prompt) dataset (folder or .jsonl)",
         )
@@ -247,7 +247,14 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument("--compare-lora", metavar="DIR", help="LoRA weights for --compare")
     _add_reward_options(evaluate)
-    evaluate.add_argument("--num-prompts", type=int, default=0, help="prompts spread evenly over the list (0 = all)")
+    evaluate.add_argument(
+        "--benchmark", metavar="NAME",
+        help="score a task benchmark instead of --prompts and --reward: each task's accuracy with its 95%% interval "
+        "and the overall score (world-geneval: GenEval's six tasks on the tiny world, judged by its gold checker)",
+    )
+    evaluate.add_argument("--split", default=None, help="the benchmark's prompt split (default: its first, heldout)")
+    evaluate.add_argument("--num-prompts", type=int, default=0,
+                          help="prompts spread evenly over the list, or over each benchmark task (0 = all)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
     evaluate.add_argument("--grid-prompts", type=int, default=8, help="prompts in the sample grid (up to 4 seeds)")
     evaluate.add_argument("--run", metavar="DIR", help="a training output folder: its monitors and held-out curve join the report")
@@ -367,6 +374,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _check_sampling_args(args)
     model, run_dir = _evaluation_model(args)
+    if args.benchmark is not None:
+        return _evaluate_benchmark(args, model, run_dir)
+    if args.prompts is None or args.split is not None:
+        raise AlignGenError("give --prompts (with --reward) or --benchmark NAME (--split goes with --benchmark).")
     _check_output(args.out, "--out", is_folder=not args.out.endswith(".json"))
     request = _reward_request(args)  # names and options, before any model is resolved
     sources = {"A": resolve_model(model, args.lora)}
@@ -412,6 +423,60 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | None) -> int:
+    """``evaluate --benchmark``: every task of the benchmark's split sampled by model A (and B),
+    judged by its reward; writes :func:`align_gen.benchmark.write_benchmark_outputs`."""
+    from align_gen.benchmark import (
+        benchmark_table,
+        get_benchmark,
+        run_benchmark,
+        write_benchmark_outputs,
+    )
+    from align_gen.models import resolve_model
+    from align_gen.report import model_label
+    from reward_models import check_reward_config
+
+    benchmark = get_benchmark(args.benchmark)
+    split = args.split or benchmark.splits[0]
+    if split not in benchmark.splits:
+        raise AlignGenError(f"--split {split}: {benchmark.name} has the splits {', '.join(benchmark.splits)}.")
+    if args.prompts is not None or args.reward or args.reward_weights or args.reward_option:
+        raise AlignGenError(f"--benchmark {benchmark.name} brings its prompts and its reward ({benchmark.reward}); "
+                            "drop --prompts, --reward, --reward-weights and --reward-option.")
+    if args.out.endswith(".json"):
+        raise AlignGenError("--benchmark writes a report folder; give --out a folder, not a .json file.")
+    _check_output(args.out, "--out", is_folder=True)
+    check_reward_config({benchmark.reward: 1.0}, {})  # its plugin is installed, before any model loads
+    sources = {"A": resolve_model(model, args.lora)}
+    if args.compare is not None:
+        sources["B"] = resolve_model(args.compare, args.compare_lora)
+    if any(source.takes_images for source in sources.values()):
+        raise AlignGenError(f"--benchmark {benchmark.name} judges generated images; give a text-to-image model.")
+    settings = {
+        "split": split,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "num_prompts": args.num_prompts,
+        "sampling": {key: getattr(args, key) for key in ("steps", "guidance_scale", "eta", "dtype")},
+    }
+    models = []
+    for (role, source), (name, lora) in zip(
+        sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
+    ):
+        _say(f"loading {role}: {model_label(name, lora)} ...")
+        policy = _load_policy(args, source)
+        _say(f"sampling {role}: {benchmark.name} ({split}) x {len(args.seeds)} seeds ({args.steps} steps each) ...")
+        results = run_benchmark(policy, benchmark, split, args.seeds, args.batch_size, num_prompts=args.num_prompts,
+                                grid_prompts=args.grid_prompts, desc=f"{role} ")
+        models.append((model_label(name, lora), results))
+        del policy
+    summary = write_benchmark_outputs(Path(args.out), benchmark, models, settings, run_dir)
+    print(benchmark_table(summary))
+    for name in ("summary.json", "scores.jsonl", "report.md", "report.html"):
+        print(f"wrote {Path(args.out) / name}")
     return 0
 
 

@@ -126,8 +126,8 @@ def _count_caption(colour: str, kind: str) -> str:
     return f"two {colour} {kind}s"
 
 
-def _score(key: str) -> int:
-    """The salted, run-independent hash that decides a composition's split."""
+def composition_score(key: str) -> int:
+    """The salted, run-independent hash that decides a composition's split (module docstring)."""
     return int.from_bytes(hashlib.sha256(f"{SPLIT_SALT}|{key}".encode()).digest()[:8], "big")
 
 
@@ -135,14 +135,14 @@ def _split_compositions() -> tuple[dict[str, list[tuple[str, ...]]], dict[str, l
     """Single-shape (size, colour, kind) and relation (colour, kind, relation, colour, kind)
     compositions of each split, by the rule in the module docstring."""
     singles: dict[str, list[tuple[str, ...]]] = {split: [] for split in SPLITS}
-    for i, colour in enumerate(sorted(COLOURS, key=_score)):
+    for i, colour in enumerate(sorted(COLOURS, key=composition_score)):
         held = (SIZES[i // len(SHAPES) % len(SIZES)], colour, SHAPES[i % len(SHAPES)])
         for option in itertools.product(SIZES, [colour], SHAPES):
             singles["heldout" if option == held else "train"].append(option)
     objects = [(colour, kind) for colour in COLOURS for kind in SHAPES]
     canonical = [(a, relation, b) for a, b in itertools.permutations(objects, 2)
                  for relation in ("left of", "above")]
-    ranked = sorted(canonical, key=lambda c: _score(f"{' '.join(c[0])}|{c[1]}|{' '.join(c[2])}"))
+    ranked = sorted(canonical, key=lambda c: composition_score(f"{' '.join(c[0])}|{c[1]}|{' '.join(c[2])}"))
     held_out = set(ranked[: round(HELDOUT_FRACTION * len(canonical))])
     mirror = {"left of": "right of", "above": "below"}
     relations: dict[str, list[tuple[str, ...]]] = {split: [] for split in SPLITS}
@@ -286,13 +286,19 @@ _CAPTION_COMPOSITIONS = _caption_compositions()
 _SCENE_OF_KIND = {"single": _single_scene_of, "relation": _relation_scene, "count": _count_scene}
 
 
+def caption_composition(caption: str) -> tuple[str, tuple[str, ...]]:
+    """The scene kind of a world caption and its words: ("single", (size, colour, kind)),
+    ("relation", (colour, kind, relation, colour, kind)) or ("count", (colour, kind))."""
+    if caption not in _CAPTION_COMPOSITIONS:
+        raise ValueError(f"{caption!r} is not a caption of the world; see all_captions(split)")
+    return _CAPTION_COMPOSITIONS[caption]
+
+
 def scene_for_caption(rng: np.random.Generator, caption: str) -> Scene:
     """A new random scene whose caption is exactly ``caption`` (of either split): the layout,
     extents and background are drawn as :func:`sample_scene` draws them for that composition,
     so two calls give two independent renderings of one caption."""
-    if caption not in _CAPTION_COMPOSITIONS:
-        raise ValueError(f"{caption!r} is not a caption of the world; see all_captions(split)")
-    kind, composition = _CAPTION_COMPOSITIONS[caption]
+    kind, composition = caption_composition(caption)
     return _SCENE_OF_KIND[kind](rng, composition)
 
 
