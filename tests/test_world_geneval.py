@@ -80,8 +80,8 @@ def test_the_checker_survives_blur_where_rgb_distance_would_not() -> None:
 
 def test_kind_thresholds_sit_between_the_ideal_shapes() -> None:
     """Square fill 1, circle pi/4, triangle 1/2 with its centroid at 2/3 of its height."""
-    assert classify_kind(1.0, 0.5) == "square" and classify_kind(math.pi / 4, 0.5) == "circle"
-    assert classify_kind(0.5, 2 / 3) == "triangle" and classify_kind(0.8, 0.66) == "triangle"
+    assert classify_kind(1.0, 1.0) == "square" and classify_kind(math.pi / 4, 1.0) == "circle"
+    assert classify_kind(0.5, 0.2) == "triangle" and classify_kind(0.8, 0.5) == "triangle"
 
 
 def test_a_blank_image_has_no_shapes_and_specs_say_what_captions_ask() -> None:

@@ -46,12 +46,18 @@ from PIL import Image
 
 from align_gen.world.shapes import COLOURS, SIZE_EXTENTS
 
+INK_MIN = 100
 CHROMA_MIN = 48
 MIN_AREA = 10 / 1024
 CORE_FRACTION = 0.5
-TRIANGLE_CENTRE = (0.5 + 2 / 3) / 2
-TRIANGLE_FILL = (0.5 + np.pi / 4) / 2
-SQUARE_FILL = (np.pi / 4 + 1.0) / 2
+NECK_DEPTH = 2
+SEED_AREA = 4
+ELONGATED = 1.4
+SPLIT_DEPTH = 2
+COLOUR_SHARE = 0.6
+MIXED = "mixed"
+TRIANGLE_TAPER = (0.2 + 1.0) / 2
+SQUARE_FILL = 0.86
 LARGE_EXTENT = (SIZE_EXTENTS["small"][1] + SIZE_EXTENTS["large"][0]) / 2
 
 
@@ -59,7 +65,7 @@ LARGE_EXTENT = (SIZE_EXTENTS["small"][1] + SIZE_EXTENTS["large"][0]) / 2
 class FoundShape:
     """One shape read from an image. ``box``: (x0, y0, x1, y1), the core's pixel edges as
     fractions of the image width and height; ``x``, ``y``: the core's centroid; ``area``: the
-    core's pixels as a fraction of the image; ``fill`` and ``centre_height``: the kind's
+    core's pixels as a fraction of the image; ``fill`` and ``taper``: the kind's
     evidence (module docstring, rule 5)."""
 
     kind: str
@@ -70,7 +76,8 @@ class FoundShape:
     box: tuple[float, float, float, float]
     area: float
     fill: float
-    centre_height: float
+    taper: float
+    colour_share: float = 1.0
 
     @property
     def extent(self) -> float:
@@ -128,44 +135,107 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return found
 
 
-def classify_kind(fill: float, centre_height: float) -> str:
-    """The kind a core's ``fill`` of its box and vertical ``centre_height`` say (rule 5)."""
-    if centre_height >= TRIANGLE_CENTRE or fill < TRIANGLE_FILL:
+def classify_kind(fill: float, taper: float) -> str:
+    """The kind a core's ``fill`` of its box and its ``taper`` say (rule 5)."""
+    if taper < TRIANGLE_TAPER:
         return "triangle"
     return "square" if fill >= SQUARE_FILL else "circle"
 
 
-def _cores(pixels: np.ndarray, chroma: np.ndarray) -> list[np.ndarray]:
-    """The cores of one colour component (rule 4): its pixels of at least half its 90th-percentile
-    chroma, split into their own 8-connected parts (two shapes of one colour whose blurred edges
-    touch meet in a valley of low chroma)."""
-    values = chroma[pixels[:, 0], pixels[:, 1]]
-    strong = pixels[values >= CORE_FRACTION * np.percentile(values, 90)]
-    origin = strong.min(axis=0)
-    mask = np.zeros(tuple(strong.max(axis=0) - origin + 1), dtype=bool)
-    mask[strong[:, 0] - origin[0], strong[:, 1] - origin[1]] = True
-    return [part + origin for part in _components(mask)]
+def _local_mask(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, origin): ``pixels`` ((n, 2) rows and columns) as a boolean mask of their bounding
+    box, padded by one pixel, and the image position of the mask's (0, 0)."""
+    origin = pixels.min(axis=0) - 1
+    mask = np.zeros(tuple(pixels.max(axis=0) - origin + 2), dtype=bool)
+    mask[pixels[:, 0] - origin[0], pixels[:, 1] - origin[1]] = True
+    return mask, origin
 
 
-def _read_core(core: np.ndarray, colour: str, shape: tuple[int, int]) -> FoundShape:
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels whose 8 neighbours are all in the mask (its border padded empty)."""
+    padded = np.pad(mask, 1)
+    eroded = mask.copy()
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            eroded &= padded[1 + dr : 1 + dr + mask.shape[0], 1 + dc : 1 + dc + mask.shape[1]]
+    return eroded
+
+
+def _split_at_necks(part: np.ndarray) -> list[np.ndarray]:
+    """One core part, or the shapes it joins (rule 4): eroded up to ``NECK_DEPTH`` times, a part
+    that falls into two or more pieces of at least ``SEED_AREA`` pixels is two or more shapes
+    touching through a neck; each pixel goes to the nearest piece."""
+    mask, origin = _local_mask(part)
+    for _ in range(NECK_DEPTH):
+        mask = _erode(mask)
+        seeds = [seed for seed in _components(mask) if len(seed) >= SEED_AREA]
+        if len(seeds) >= 2:
+            local = part - origin
+            distances = np.stack(
+                [np.min(((local[:, None, :] - seed[None, :, :]) ** 2).sum(axis=2), axis=1) for seed in seeds]
+            )
+            nearest = distances.argmin(axis=0)
+            return [part[nearest == index] for index in range(len(seeds))]
+        if not mask.any():
+            break
+    return [part]
+
+
+def _split_elongated(part: np.ndarray, depth: int = SPLIT_DEPTH) -> list[np.ndarray]:
+    """One part, or, when its box is more than ``ELONGATED`` times longer than wide (a world
+    shape's box is square), the parts on either side of its narrowest cross-section in the
+    middle half of its long axis, each split again (``depth`` times at most)."""
+    extents = part.max(axis=0) - part.min(axis=0) + 1
+    if depth == 0 or extents.max() <= ELONGATED * extents.min():
+        return [part]
+    axis = int(extents.argmax())
+    position = part[:, axis] - part[:, axis].min()
+    profile = np.bincount(position, minlength=extents[axis])
+    middle = np.arange(extents[axis] // 4, extents[axis] - extents[axis] // 4)
+    cut = middle[profile[middle].argmin()]
+    sides = [side for side in (part[position < cut], part[position >= cut]) if len(side)]
+    return [piece for side in sides for piece in _split_elongated(side, depth - 1)]
+
+
+def _shape_parts(blob: np.ndarray, ink: np.ndarray) -> list[np.ndarray]:
+    """The shapes of one foreground blob (rule 4): its core (the pixels of at least half its
+    90th-percentile ink), split at ink valleys (8-connected parts), at necks and across
+    elongated parts."""
+    values = ink[blob[:, 0], blob[:, 1]]
+    core = blob[values >= CORE_FRACTION * np.percentile(values, 90)]
+    mask, origin = _local_mask(core)
+    return [
+        piece
+        for part in _components(mask)
+        for necked in _split_at_necks(part + origin)
+        for piece in _split_elongated(necked)
+    ]
+
+
+def _read_part(part: np.ndarray, labels: np.ndarray, chromatic: np.ndarray, shape: tuple[int, int]) -> FoundShape:
     height, width = shape
-    rows, cols = core[:, 0], core[:, 1]
+    rows, cols = part[:, 0], part[:, 1]
+    voters = chromatic[rows, cols]
+    votes = np.bincount(labels[rows, cols][voters], minlength=len(PALETTE))
+    share = votes.max() / max(1, votes.sum())
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     box_height, box_width = bottom - top, right - left
-    fill = len(core) / (box_height * box_width)
-    centre_height = (rows.mean() + 0.5 - top) / box_height
+    fill = len(part) / (box_height * box_width)
+    height_fraction = (rows + 0.5 - top) / box_height  # of each pixel's row centre, 0 top to 1 bottom
+    taper = np.sum(height_fraction < 1 / 3) / max(1, np.sum(height_fraction > 2 / 3))
     box = (left / width, top / height, right / width, bottom / height)
     extent = max(box[2] - box[0], box[3] - box[1])
     return FoundShape(
-        kind=classify_kind(fill, centre_height),
-        colour=colour,
+        kind=classify_kind(fill, taper),
+        colour=PALETTE[int(votes.argmax())] if share >= COLOUR_SHARE else MIXED,
         size="large" if extent > LARGE_EXTENT else "small",
         x=float((cols.mean() + 0.5) / width),
         y=float((rows.mean() + 0.5) / height),
         box=tuple(float(v) for v in box),
-        area=len(core) / (height * width),
+        area=len(part) / (height * width),
         fill=float(fill),
-        centre_height=float(centre_height),
+        taper=float(taper),
+        colour_share=float(share),
     )
 
 
@@ -173,14 +243,14 @@ def read_shapes(image: torch.Tensor | np.ndarray | Image.Image) -> list[FoundSha
     """Every shape in one world image (rules 1-7 of the module docstring), largest first."""
     pixels = image_array(image).astype(np.int16)
     height, width = pixels.shape[:2]
-    chroma = pixels.max(axis=2) - pixels.min(axis=2)
-    foreground = chroma >= CHROMA_MIN
+    ink = 255 - pixels.min(axis=2)
+    chromatic = pixels.max(axis=2) - pixels.min(axis=2) >= CHROMA_MIN
     distance = np.abs(_hue(pixels)[..., None] - PALETTE_HUES)
     labels = np.minimum(distance, 360.0 - distance).argmin(axis=2)
-    found = []
-    for index, colour in enumerate(PALETTE):
-        for component in _components(foreground & (labels == index)):
-            for core in _cores(component, chroma):
-                if len(core) >= MIN_AREA * height * width:
-                    found.append(_read_core(core, colour, (height, width)))
+    found = [
+        _read_part(part, labels, chromatic, (height, width))
+        for blob in _components(ink >= INK_MIN)
+        for part in _shape_parts(blob, ink)
+        if len(part) >= MIN_AREA * height * width
+    ]
     return sorted(found, key=lambda shape: -shape.area)
