@@ -18,6 +18,9 @@ Benchmarks (:data:`BENCHMARKS`):
 
 - ``world-geneval``: GenEval's six tasks in the tiny world's captions, judged by the world's gold
   checker (:mod:`align_gen.world.geneval`); splits ``train`` and ``heldout`` by composition.
+- ``geneval``: GenEval itself at full size, without mmcv / mmdet (:mod:`reward_models.geneval`):
+  its prompts generated from a seed over its tasks and COCO's classes, or read from GenEval's
+  ``evaluation_metadata.jsonl`` (``--metadata``); one split, ``all``.
 """
 
 from __future__ import annotations
@@ -43,21 +46,31 @@ from align_gen.evaluation import (
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-    """A task benchmark: its ``reward`` (built with ``task=<task>, mode="strict"``), its tasks'
-    prompts per split (``task_prompts(split) -> {task: prompts}``) and the model it is made for."""
+    """A task benchmark: its reward, the options that make it judge one task strictly
+    (``task_options(task)``), its tasks' prompts per split (``task_prompts(split, metadata) ->
+    {task: prompts}``; ``metadata``: a prompt-set file, for the benchmarks that read one) and the
+    model it is made for."""
 
     name: str
     reward: str
     splits: tuple[str, ...]
-    task_prompts: Callable[[str], dict[str, list[str]]]
+    task_prompts: Callable[[str, str | None], dict[str, list[str]]]
+    task_options: Callable[[str], dict[str, Any]]
     model: str
     description: str
+    reads_metadata: bool = False
 
 
-def _world_task_prompts(split: str) -> dict[str, list[str]]:
+def _world_task_prompts(split: str, metadata: str | None) -> dict[str, list[str]]:
     from align_gen.world.geneval import task_prompts
 
     return task_prompts(split)
+
+
+def _geneval_task_prompts(split: str, metadata: str | None) -> dict[str, list[str]]:
+    from reward_models.geneval import geneval_task_prompts
+
+    return geneval_task_prompts(metadata)
 
 
 BENCHMARKS = {
@@ -66,8 +79,19 @@ BENCHMARKS = {
         reward="world_geneval",
         splits=("heldout", "train"),
         task_prompts=_world_task_prompts,
+        task_options=lambda task: {"task": task, "mode": "strict"},
         model="align-gen:world",
         description="GenEval's six tasks in the tiny world's captions, judged by its gold checker",
+    ),
+    "geneval": Benchmark(
+        name="geneval",
+        reward="geneval",
+        splits=("all",),
+        task_prompts=_geneval_task_prompts,
+        task_options=lambda task: {"mode": "strict"},
+        model="stabilityai/stable-diffusion-3.5-medium",
+        description="GenEval: Mask2Former detections and CLIP colours judged by GenEval's rules",
+        reads_metadata=True,
     ),
 }
 
@@ -92,11 +116,20 @@ class TaskResult:
         return self.samples.scores["correct"]
 
 
-def task_rewards(benchmark: Benchmark, tasks: Sequence[str]) -> dict[str, Any]:
-    """{task: the benchmark's strict reward for it}, built (weights load) once per task."""
+def task_rewards(benchmark: Benchmark, tasks: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    """{task: the benchmark's strict reward for it} (``options``: the user's, beside the task's);
+    one reward serves every task whose options are the same (its weights load once)."""
     from reward_models import get_reward
 
-    return {task: get_reward(benchmark.reward, task=task, mode="strict") for task in tasks}
+    built: dict[str, Any] = {}
+    rewards = {}
+    for task in tasks:
+        settings = {**options, **benchmark.task_options(task)}
+        key = repr(sorted(settings.items(), key=lambda item: item[0]))
+        if key not in built:
+            built[key] = get_reward(benchmark.reward, **settings)
+        rewards[task] = built[key]
+    return rewards
 
 
 def run_benchmark(
@@ -108,15 +141,19 @@ def run_benchmark(
     *,
     num_prompts: int = 0,
     grid_prompts: int = 0,
+    metadata: str | None = None,
+    reward_options: dict[str, Any] | None = None,
     desc: str = "",
 ) -> list[TaskResult]:
     """Samples each task's prompts of ``split`` (``num_prompts`` evenly spread per task; 0 =
     all) once per seed and judges them; keeps the images of ``grid_prompts`` prompts per task
-    for up to 4 seeds."""
+    for up to 4 seeds. ``metadata``: the benchmark's prompt-set file, where it reads one (it is
+    also handed to the reward); ``reward_options``: the reward's other options."""
     if split not in benchmark.splits:
         raise ConfigError(f"benchmark {benchmark.name} has the splits {', '.join(benchmark.splits)}, not {split!r}")
-    prompts_of = benchmark.task_prompts(split)
-    rewards = task_rewards(benchmark, list(prompts_of))
+    prompts_of = benchmark.task_prompts(split, metadata)
+    options = dict(reward_options or {}) | ({"metadata": metadata} if metadata else {})
+    rewards = task_rewards(benchmark, list(prompts_of), options)
     results = []
     for task, all_prompts in prompts_of.items():
         prompts = select_prompts(all_prompts, num_prompts)

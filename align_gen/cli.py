@@ -252,7 +252,9 @@ def _add_evaluate_options(evaluate: argparse.ArgumentParser) -> None:
         help="score a task benchmark instead of --prompts and --reward: each task's accuracy with its 95%% interval "
         "and the overall score (world-geneval: GenEval's six tasks on the tiny world, judged by its gold checker)",
     )
-    evaluate.add_argument("--split", default=None, help="the benchmark's prompt split (default: its first, heldout)")
+    evaluate.add_argument("--split", default=None, help="the benchmark's prompt split (default: its first)")
+    evaluate.add_argument("--metadata", default=None, metavar="FILE",
+                          help="geneval: GenEval's evaluation_metadata.jsonl instead of the generated prompt set")
     evaluate.add_argument("--num-prompts", type=int, default=0,
                           help="prompts spread evenly over the list, or over each benchmark task (0 = all)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
@@ -435,6 +437,8 @@ def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | No
         run_benchmark,
         write_benchmark_outputs,
     )
+    from align_gen.builtins import resolve_folders_in
+    from align_gen.config import apply_override
     from align_gen.models import resolve_model
     from align_gen.report import model_label
     from reward_models import check_reward_config
@@ -443,13 +447,24 @@ def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | No
     split = args.split or benchmark.splits[0]
     if split not in benchmark.splits:
         raise AlignGenError(f"--split {split}: {benchmark.name} has the splits {', '.join(benchmark.splits)}.")
-    if args.prompts is not None or args.reward or args.reward_weights or args.reward_option:
+    if args.prompts is not None or args.reward or args.reward_weights:
         raise AlignGenError(f"--benchmark {benchmark.name} brings its prompts and its reward ({benchmark.reward}); "
-                            "drop --prompts, --reward, --reward-weights and --reward-option.")
+                            "drop --prompts, --reward and --reward-weights.")
+    if args.metadata is not None and not benchmark.reads_metadata:
+        raise AlignGenError(f"--metadata goes with --benchmark geneval; {benchmark.name} has its own prompts.")
+    if args.metadata is not None and not Path(args.metadata).is_file():
+        raise AlignGenError(f"--metadata {args.metadata}: no such file.")
+    options: dict = {}
+    for option in args.reward_option:
+        apply_override(options, option)
+    if set(options) - {benchmark.reward}:
+        raise AlignGenError(f"--reward-option names {', '.join(sorted(set(options) - {benchmark.reward}))}; "
+                            f"--benchmark {benchmark.name} scores with {benchmark.reward} only.")
+    reward_options = resolve_folders_in(options).get(benchmark.reward, {})
     if args.out.endswith(".json"):
         raise AlignGenError("--benchmark writes a report folder; give --out a folder, not a .json file.")
     _check_output(args.out, "--out", is_folder=True)
-    check_reward_config({benchmark.reward: 1.0}, {})  # its plugin is installed, before any model loads
+    check_reward_config({benchmark.reward: 1.0}, {benchmark.reward: reward_options})  # before any model loads
     sources = {"A": resolve_model(model, args.lora)}
     if args.compare is not None:
         sources["B"] = resolve_model(args.compare, args.compare_lora)
@@ -460,6 +475,7 @@ def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | No
         "seeds": args.seeds,
         "batch_size": args.batch_size,
         "num_prompts": args.num_prompts,
+        "metadata": args.metadata,
         "sampling": {key: getattr(args, key) for key in ("steps", "guidance_scale", "eta", "dtype")},
     }
     models = []
@@ -470,7 +486,8 @@ def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | No
         policy = _load_policy(args, source)
         _say(f"sampling {role}: {benchmark.name} ({split}) x {len(args.seeds)} seeds ({args.steps} steps each) ...")
         results = run_benchmark(policy, benchmark, split, args.seeds, args.batch_size, num_prompts=args.num_prompts,
-                                grid_prompts=args.grid_prompts, desc=f"{role} ")
+                                grid_prompts=args.grid_prompts, metadata=args.metadata,
+                                reward_options=reward_options, desc=f"{role} ")
         models.append((model_label(name, lora), results))
         del policy
     summary = write_benchmark_outputs(Path(args.out), benchmark, models, settings, run_dir)

@@ -15,7 +15,8 @@ and generated samples against a person's visual inspection.
    each tile labelled with its number, caption, the shapes read and the strict verdict) and as
    ``readings.json``. A person looks at every tile and writes down where the reading is wrong
    (``--inspection FILE``: JSON ``{"inspected": [numbers], "disagree": {number: "what the
-   image shows"}}``); the script reports the agreement.
+   image shows"}, "verdict_disagree": {number: "why the caption is or is not true of it"}}``);
+   the script reports both agreements.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_checker.py \\
         --sheets benchmarks/results/world_checker_sheets \\
@@ -176,11 +177,13 @@ def main() -> None:
             notes.append(f"contact sheets: {args.sheets}")
         if args.inspection is not None and args.inspection.is_file():
             inspection = json.loads(args.inspection.read_text())
-            inspected, disagree = inspection["inspected"], inspection["disagree"]
-            agreement = 1 - len(disagree) / len(inspected)
-            extra |= {"inspected": len(inspected), "disagreements": disagree, "agreement": agreement}
-            notes.append(f"visual inspection: {len(inspected)} samples, the reading agrees on {len(inspected) - len(disagree)} "
-                         f"({100 * agreement:.1f}%)")
+            inspected, disagree, verdicts = inspection["inspected"], inspection["disagree"], inspection["verdict_disagree"]
+            extra |= {"inspected": len(inspected), "disagreements": disagree, "verdict_disagreements": verdicts,
+                      "reading_agreement": 1 - len(disagree) / len(inspected),
+                      "verdict_agreement": 1 - len(verdicts) / len(inspected)}
+            notes.append(f"visual inspection of {len(inspected)} samples: the reading agrees on {len(inspected) - len(disagree)} "
+                         f"({100 * extra['reading_agreement']:.1f}%), the verdict on {len(inspected) - len(verdicts)} "
+                         f"({100 * extra['verdict_agreement']:.1f}%)")
     for note in notes:
         print(note)
     result = BenchmarkResult(

@@ -3,7 +3,9 @@
 ``reward(images (B, 3, H, W) float in [0, 1], prompts, *, texts=None) -> (B,) float32``, where
 prompts are strings or image prompts (``ImagePrompt``: align-gen's ``VisualPrompt``) and ``texts`` are a vision-language policy's
 generated answers. Image rewards: ``jpeg_compressibility``, ``jpeg_incompressibility``,
-``clip_score``, ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``, ``preference``. Text
+``clip_score``, ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``, ``preference``,
+``vlm_judge`` (a VLM's probability of answering "yes" about the image), ``geneval`` (GenEval's
+verdict: Mask2Former detections and CLIP colours judged by GenEval's rules). Text
 rewards (they need ``texts``): ``clip_text_image``, ``answer_match``, ``sequence_classifier``. Your
 own: ``register_reward`` in Python, or an ``align_gen.rewards`` entry point of an installed
 package (a config never imports code by naming it). ``clip_score`` / ``clip_text_image`` run an open_clip
@@ -22,12 +24,14 @@ are imported only when a reward that needs them is built, so importing this pack
 from reward_models import (  # noqa: F401
     aesthetic,
     clip_score,
+    geneval,
     hpsv2,
     imagereward,
     jpeg,
     pickscore,
     preference,
     text,
+    vlm_judge,
 )
 from reward_models.aesthetic import AestheticHead, AestheticScore
 from reward_models.clip_score import ClipScore, OpenClipEncoder
@@ -50,6 +54,7 @@ from reward_models.registry import (
     register_reward,
 )
 from reward_models.text import AnswerMatch, ClipTextImage, SequenceClassifier
+from reward_models.vlm_judge import VLMJudge
 
 __all__ = [
     "AestheticHead",
@@ -69,6 +74,7 @@ __all__ = [
     "RewardFn",
     "SequenceClassifier",
     "TransformersClipEncoder",
+    "VLMJudge",
     "WeightedSum",
     "available_rewards",
     "bradley_terry_loss",

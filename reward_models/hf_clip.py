@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from reward_models import hub
 from reward_models.errors import RewardConfigError, RewardError, RewardWeightsMissingError
-from reward_models.hub import resolve_placement
+from reward_models.hub import dtype_keyword, resolve_placement
 
 MAX_TOKENS = 77  # CLIP's text context length; a smaller tokenizer limit wins
 # A processor folder has one of these (transformers 5 writes the second, 4 the first).
@@ -69,14 +69,6 @@ def clip_features(output: Any) -> torch.Tensor:
     """get_*_features returns the projected tensor (transformers 4) or an output whose
     ``pooler_output`` holds it (transformers 5)."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def _dtype_argument() -> str:
-    """from_pretrained's dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 class TransformersClipEncoder:
@@ -133,7 +125,7 @@ class TransformersClipEncoder:
         self._init_text_settings(processor_source)
         self._init_image_transform()
         # float32 whatever the checkpoint's dtype (transformers 5 would keep a float16 one).
-        as_float32 = {_dtype_argument(): torch.float32}
+        as_float32 = {dtype_keyword(): torch.float32}
         clip = self._load(CLIPModel, model_source, model_local, "model", **as_float32)
         # Read the temperature before any cast: float16 would move exp(4.6052) = 100 by ~0.2.
         self.logit_scale = clip.logit_scale.detach().float().exp().to(self.device)  # ()

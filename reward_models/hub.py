@@ -107,6 +107,14 @@ def resolve_file(spec: str, *, what: str, fix: str) -> Path:
     return path
 
 
+def dtype_keyword() -> str:
+    """from_pretrained's dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` -> CUDA when available, else CPU."""
     if device is None:
