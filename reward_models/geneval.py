@@ -138,6 +138,14 @@ def generate_prompts(seed: int = 0, per_task: int = 100, classes: tuple[str, ...
     return list(unique.values())
 
 
+def training_prompts(seed: int = 1, per_task: int = 500, evaluation_seed: int = 0) -> list[str]:
+    """Prompts to train on: :func:`generate_prompts` from ``seed``, without any prompt of the
+    evaluation set (``evaluation_seed``, 100 per task), so training never sees a test prompt
+    (every single-object prompt is one: those are left to the other tasks)."""
+    held_out = {spec.prompt for spec in generate_prompts(evaluation_seed)}
+    return list(dict.fromkeys(spec.prompt for spec in generate_prompts(seed, per_task) if spec.prompt not in held_out))
+
+
 def parse_prompt(prompt: str, classes: tuple[str, ...] = COCO_CLASSES) -> PromptSpec | None:
     """The spec of a prompt written in :func:`generate_prompts`' templates, or None."""
     label = "|".join(sorted((re.escape(c) for c in classes), key=len, reverse=True))

@@ -81,6 +81,31 @@ def _pickscore_stand_in(folder: Path) -> Path:
     return path
 
 
+def mask2former_stand_in(folder: Path, labels: tuple[str, ...]) -> Path:
+    """A random Mask2Former (Swin backbone) instance segmenter with ``labels``, saved with its
+    image processor: the layout of facebook/mask2former-swin-small-coco-instance at toy size."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)}, hidden_dim=32, num_queries=8, encoder_feedforward_dim=32,
+        dim_feedforward=32, decoder_layers=2, encoder_layers=1, num_attention_heads=2, mask_feature_size=32,
+        feature_size=32, common_stride=4,
+    )
+    torch.manual_seed(0)
+    path = folder / "mask2former"
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, size_divisor=32).save_pretrained(path)
+    return path
+
+
 class RewardStandIns:
     """Builds the reward weights once, then maps a config's reward options to stand-in options."""
 
@@ -92,6 +117,9 @@ class RewardStandIns:
         self.aesthetic_head = folder / "aesthetic_head.pth"
         torch.save(AestheticHead(OPEN_CLIP_WIDTHS["ViT-L-14"]).state_dict(), self.aesthetic_head)
         self.pickscore = _pickscore_stand_in(folder)
+        from reward_models.geneval import COCO_CLASSES
+
+        self.detector = mask2former_stand_in(folder, COCO_CLASSES)
 
     def options(self, reward: str, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with every weight location replaced by a stand-in (float32 on the CPU)."""
@@ -105,6 +133,10 @@ class RewardStandIns:
             return {**options, "model_name": name, "pretrained": str(checkpoint)}
         if reward == "pickscore":
             return {**options, "model": str(self.pickscore), "processor": None}
+        if reward == "geneval":
+            name, checkpoint = self.open_clip[options.get("clip", {}).get("model_name", "ViT-L-14")]
+            clip = {**options.get("clip", {}), "model_name": name, "pretrained": str(checkpoint)}
+            return {**options, "detector": str(self.detector), "clip": clip}
         if reward in ("jpeg_compressibility", "jpeg_incompressibility", "answer_match"):
             return options  # no weights
         raise KeyError(f"no stand-in for the reward {reward!r}: add one to tests/stand_ins.py")

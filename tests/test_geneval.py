@@ -23,7 +23,9 @@ from reward_models.geneval import (
     generate_prompts,
     geneval_task_prompts,
     parse_prompt,
+    training_prompts,
 )
+from tests.stand_ins import mask2former_stand_in
 
 CUP = COCO_CLASSES.index("cup")
 
@@ -35,27 +37,7 @@ def _one_thread(single_thread):
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random Mask2Former (Swin backbone) with COCO's 80 labels, saved with its image processor."""
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        SwinConfig,
-    )
-
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(
-        backbone_config=backbone, num_labels=len(COCO_CLASSES), id2label=dict(enumerate(COCO_CLASSES)),
-        label2id={name: i for i, name in enumerate(COCO_CLASSES)}, hidden_dim=32, num_queries=8, encoder_feedforward_dim=32,
-        dim_feedforward=32, decoder_layers=2, encoder_layers=1, num_attention_heads=2, mask_feature_size=32,
-        feature_size=32, common_stride=4,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("mask2former")
-    Mask2FormerForUniversalSegmentation(config).save_pretrained(folder)
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, size_divisor=32).save_pretrained(folder)
-    return folder
+    return mask2former_stand_in(tmp_path_factory.mktemp("detector"), COCO_CLASSES)
 
 
 def geneval(detector: Path, **options):
@@ -136,3 +118,12 @@ def test_evaluate_the_geneval_benchmark_offline(capsys: pytest.CaptureFixture[st
     assert all(row["prompts"] == 1 and row["images"] == 1 for row in summary["A"]["tasks"].values())
     assert main(["evaluate", "align-gen:tiny-random-sd", "--benchmark", "world-geneval", "--metadata", "x.jsonl"]) == 2
     assert "--metadata goes with --benchmark geneval" in capsys.readouterr().err
+
+
+def test_the_training_prompt_list_is_the_generator_s_and_never_an_evaluation_prompt() -> None:
+    from align_gen.prompts import load_prompts
+
+    train = load_prompts("builtin:geneval_train")
+    assert train == training_prompts() and len(train) == len(set(train))
+    assert not set(train) & {spec.prompt for spec in generate_prompts(seed=0)}
+    assert all(parse_prompt(prompt) is not None for prompt in train)
