@@ -26,11 +26,14 @@ demo: install
 	$(VENV)/bin/align-gen train configs/tiny/awm_world_preference.yaml
 
 # The packages' layering (import-linter contracts in pyproject.toml), the docs (strict: a broken
-# link or an undocumented config field fails), then the tests.
+# link or an undocumented config field fails), then the tests: one pytest-xdist worker per core
+# (TEST_WORKERS=0 runs them in this process), each test file on one worker (its module fixtures
+# are built once).
+TEST_WORKERS ?= auto
 test: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 docs: install
 	$(VENV)/bin/mkdocs build --strict

@@ -7,6 +7,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker (``make test`` runs one per core) computes on one thread: two
+    workers of two threads each on a 2-core machine would oversubscribe it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny_train_overrides() -> list[str]:
     """Overrides that make any diffusion config train in about a second on a CPU: 2 DDIM steps,
