@@ -202,6 +202,10 @@ class EvaluationConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [1000, 1001])  # one sample per prompt per seed
     every: int = 0  # epochs; 0 = only before and after training
     batch_size: int = 32  # prompts per sampling batch
+    # Other rewards scored on the same held-out samples, each logged beside the training reward
+    # ({name}_mean and its per-sample {name}_scores): a gold reward watched while a proxy is
+    # trained, e.g. {world_geneval: {mode: strict}}. {reward name: its options}.
+    rewards: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

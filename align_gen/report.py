@@ -367,14 +367,23 @@ def training_run_blocks(run_dir: Path, out_dir: Path, figure_name: str = "traini
             blocks.append(Paragraph(f"One epoch in {step} shown (and the last); all {len(epochs)} are in {METRICS_FILE}."))
     else:
         blocks.append(Paragraph(f"The run logged no `monitor/*` keys in {METRICS_FILE}."))
-    curve = _heldout_curve(run_dir, evaluations)
-    if curve:
-        blocks += [Heading("Held-out evaluation", 3), Table(
-            ["epochs done", "mean", "95% CI", "change since the first", "95% CI"],
-            [[str(r["epochs_done"]), number(r["mean"]), interval(r["ci_low"], r["ci_high"]), number(r.get("change")),
-              interval(r.get("change_ci_low"), r.get("change_ci_high"))] for r in curve])]
-    if monitors or curve:
-        skipped = _plot_training(monitors, curve, out_dir / figure_name)
+    curves = {"reward": _heldout_curve(run_dir, evaluations)}
+    for name in dict.fromkeys(key.removesuffix("_scores") for row in evaluations for key in row if key.endswith("_scores")):
+        curves[name] = _heldout_curve(run_dir, evaluations, name)
+    for name, curve in curves.items():
+        if curve:
+            title = "Held-out evaluation" + ("" if name == "reward" else f": {name} (evaluation.rewards)")
+            blocks += [Heading(title, 3), Table(
+                ["epochs done", "mean", "95% CI", "change since the first", "95% CI"],
+                [[str(r["epochs_done"]), number(r["mean"]), interval(r["ci_low"], r["ci_high"]), number(r.get("change")),
+                  interval(r.get("change_ci_low"), r.get("change_ci_high"))] for r in curve])]
+    if len(curves) > 1:
+        blocks.append(Paragraph(
+            "The other rewards scored the same held-out samples as the training reward. Against it (the figure's "
+            "last panels): a gold reward that rises with the trained one is being learned; one that stalls or "
+            "falls while the trained one rises is reward hacking (see the World-GenEval docs)."))
+    if monitors or any(curves.values()):
+        skipped = _plot_training(monitors, curves, out_dir / figure_name)
         if skipped is None:
             blocks.append(Paragraph("No figure: every series has fewer than 2 points (their values are in the tables)."))
         else:
@@ -384,22 +393,25 @@ def training_run_blocks(run_dir: Path, out_dir: Path, figure_name: str = "traini
     return blocks
 
 
-def _heldout_curve(run_dir: Path, evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each evaluation.jsonl row's mean with its 95% interval over prompts (the prompt count is
-    the row's n / the number of evaluation.seeds in the run's config.yaml; over samples when
-    unknown) and its paired change since the first row."""
+def _heldout_curve(run_dir: Path, evaluations: list[dict[str, Any]], name: str = "reward") -> list[dict[str, Any]]:
+    """Each evaluation.jsonl row's mean of the training reward (``name`` "reward": its
+    ``scores``) or of one of evaluation.rewards (its ``{name}_scores``), with its 95% interval
+    over prompts (the prompt count is the row's n / the number of evaluation.seeds in the run's
+    config.yaml; over samples when unknown) and its paired change since the first row."""
     import yaml
 
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     num_seeds = len(((config or {}).get("evaluation") or {}).get("seeds") or []) or None
+    scores_key = "scores" if name == "reward" else f"{name}_scores"
+    rows = [row for row in evaluations if scores_key in row or name == "reward"]
     curve = []
-    for row in evaluations:
-        scores = torch.tensor(row.get("scores") or [row["reward_mean"]], dtype=torch.float64)
+    for row in rows:
+        scores = torch.tensor(row.get(scores_key) or [row[f"{name}_mean"]], dtype=torch.float64)
         prompts = len(scores) // num_seeds if num_seeds and len(scores) % num_seeds == 0 else None
         point = {"epochs_done": row["epochs_done"], **summarise({"r": scores}, prompts)["r"]}
-        first = torch.tensor(evaluations[0].get("scores") or [], dtype=torch.float64)
-        if point["epochs_done"] != evaluations[0]["epochs_done"] and len(first) == len(scores) > 1:
+        first = torch.tensor(rows[0].get(scores_key) or [], dtype=torch.float64)
+        if point["epochs_done"] != rows[0]["epochs_done"] and len(first) == len(scores) > 1:
             change = paired_comparison(first, scores, prompts or len(scores))
             point |= {"change": change["mean_difference"], "change_ci_low": change["difference_ci_low"],
                       "change_ci_high": change["difference_ci_high"]}
@@ -407,10 +419,12 @@ def _heldout_curve(run_dir: Path, evaluations: list[dict[str, Any]]) -> list[dic
     return curve
 
 
-def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str, Any]]):
+def training_figure(monitors: dict[str, dict[int, float]], curves: dict[str, list[dict[str, Any]]]):
     """A training run's figure: one panel per series with at least 2 finite points (the held-out
-    reward with its 95% band, then each monitor) against the epochs of updates done (integer
-    ticks). Returns ``(figure or None when no series has 2 points, the titles left out)``."""
+    reward and each of evaluation.rewards with its 95% band, then each monitor) against the
+    epochs of updates done (integer ticks), and, per reward of evaluation.rewards, a panel of it
+    against the training reward at each evaluation (the gold-against-proxy picture). Returns
+    ``(figure or None when no series has 2 points, the titles left out)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,9 +433,18 @@ def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str,
 
     from align_gen.tracking import EPOCH_AXIS
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    if curve:
-        series["held-out reward"] = [(p["epochs_done"], p["mean"]) for p in curve if not math.isnan(p["mean"])]
+    series: dict[str, list[tuple[float, float]]] = {}
+    bands = {}  # panel title -> its curve, drawn with its interval band
+    for name, curve in curves.items():
+        if curve:
+            title = "held-out reward" if name == "reward" else f"held-out {name}"
+            series[title] = [(p["epochs_done"], p["mean"]) for p in curve if not math.isnan(p["mean"])]
+            bands[title] = curve
+    proxy = {p["epochs_done"]: p["mean"] for p in curves.get("reward", [])}
+    for name, curve in curves.items():
+        if name != "reward" and curve:
+            series[f"{name} against the training reward"] = [(proxy[p["epochs_done"]], p["mean"]) for p in curve
+                                                              if p["epochs_done"] in proxy]
     for title, values in monitors.items():
         series[title] = sorted((e, v) for e, v in values.items() if not math.isnan(v))
     skipped = [title for title, points in series.items() if len(points) < 2]
@@ -433,7 +456,8 @@ def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str,
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for axis, title in zip(axes.flat, panels, strict=False):
         points = series[title]
-        if title == "held-out reward":
+        if title in bands:
+            curve = bands[title]
             x = [p["epochs_done"] for p in curve]
             axis.plot(x, [p["mean"] for p in curve], marker="s", color="tab:red")
             if all(p["ci_low"] is not None for p in curve):
@@ -441,8 +465,11 @@ def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str,
         else:
             axis.plot([e for e, _ in points], [v for _, v in points], marker="o", markersize=3)
         axis.set_title(title, fontsize=9)
-        axis.set_xlabel("epochs of updates done", fontsize=8)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if title.endswith("against the training reward"):
+            axis.set_xlabel("held-out training reward (one point per evaluation)", fontsize=8)
+        else:
+            axis.set_xlabel("epochs of updates done", fontsize=8)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
@@ -451,12 +478,13 @@ def training_figure(monitors: dict[str, dict[int, float]], curve: list[dict[str,
     return figure, skipped
 
 
-def _plot_training(monitors: dict[str, dict[int, float]], curve: list[dict[str, Any]], path: Path) -> list[str] | None:
+def _plot_training(monitors: dict[str, dict[int, float]], curves: dict[str, list[dict[str, Any]]],
+                   path: Path) -> list[str] | None:
     """Writes :func:`training_figure` to ``path``; returns the series left out, or None when
     there was nothing to draw (no file written)."""
     import matplotlib.pyplot as plt
 
-    figure, skipped = training_figure(monitors, curve)
+    figure, skipped = training_figure(monitors, curves)
     if figure is None:
         path.unlink(missing_ok=True)  # an earlier report's figure
         return None

@@ -51,7 +51,9 @@ from align_gen.tracking import (
 )
 from align_gen.types import Rollout, VisualPrompt
 from pipelines.grid import sample_grid, side_by_side
-from reward_models import build_reward, check_reward_config
+from reward_models import build_reward, check_reward_config, get_reward
+
+EXTRA_PREFIX = "evaluation.rewards:"  # the score keys of evaluation.rewards while they are gathered
 
 
 @dataclasses.dataclass
@@ -94,6 +96,7 @@ class TrainingRun:
     prompts: list
     grid_prompts: list
     evaluation_prompts: list | None
+    evaluation_rewards: dict[str, Any]  # evaluation.rewards, built: scored beside the training reward
     log: MetricsLog | None = None
     evaluation_log: MetricsLog | None = None
     grids: list[Path] = dataclasses.field(default_factory=list)
@@ -134,6 +137,8 @@ def setup(config: RunConfig) -> TrainingRun:
     of the untrained model."""
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     check_reward_config(config.reward.weights, config.reward.options)  # names and options, before any model loads
+    if config.evaluation.rewards:
+        check_reward_config(dict.fromkeys(config.evaluation.rewards, 1.0), config.evaluation.rewards)
     checkpoint = open_run(
         config, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, say=accelerator.print
     )
@@ -166,6 +171,9 @@ def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
     accelerator.print(f"loading {config.model.pretrained} ...")
     policy = build_policy(config.model, config.sample, accelerator.device)
     reward_fn = build_reward(config.reward.weights, resolve_folders_in(config.reward.options))
+    evaluation_rewards = {
+        name: get_reward(name, **options) for name, options in resolve_folders_in(config.evaluation.rewards).items()
+    }
     if getattr(reward_fn, "needs_texts", False) and not policy.takes_images:
         raise ConfigError(
             f"the reward {reward_fn.name!r} scores generated texts, so it needs a vision-language policy; "
@@ -194,6 +202,7 @@ def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
         prompts=prompts,
         grid_prompts=grid_prompts,
         evaluation_prompts=evaluation_prompts,
+        evaluation_rewards=evaluation_rewards,
     )
 
 
@@ -559,9 +568,10 @@ def _evaluate(run: TrainingRun, epochs_done: int) -> float | None:
         return None
     started = time.perf_counter()
     share = prompts[accelerator.process_index :: accelerator.num_processes]
+    extra = {f"{EXTRA_PREFIX}{name}": reward for name, reward in run.evaluation_rewards.items()}
     scores = score_samples(
         run.policy,
-        {"reward": run.reward_fn},
+        {"reward": run.reward_fn, **extra},
         share,
         config.evaluation.seeds,
         config.evaluation.batch_size,
@@ -572,15 +582,18 @@ def _evaluate(run: TrainingRun, epochs_done: int) -> float | None:
         for name, values in scores.items()
     }
     values = gathered.pop("reward")
+    others = {name.removeprefix(EXTRA_PREFIX): gathered.pop(name) for name in list(gathered) if name.startswith(EXTRA_PREFIX)}
     run.evaluation_log.log(
         {
             "epochs_done": epochs_done,
             "reward_mean": float(values.mean()),
             "reward_std": float(values.std(unbiased=False)),
             **{f"{name}_mean": float(term.mean()) for name, term in gathered.items()},  # reward/TERM_mean
+            **{f"{name}_mean": float(other.mean()) for name, other in others.items() if "/" not in name},
             "n": len(values),
             "time_s": time.perf_counter() - started,
             "scores": [round(value, 6) for value in values.tolist()],  # seed-major; paired across rows
+            **{f"{name}_scores": [round(v, 6) for v in other.tolist()] for name, other in others.items() if "/" not in name},
         }
     )
     return float(values.mean())

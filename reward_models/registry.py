@@ -277,6 +277,9 @@ def _registry_listing() -> str:
     listing = f"image rewards: {', '.join(image)}"
     if text:
         listing += f"; text rewards (vision-language policies): {', '.join(text)}"
+    declared = sorted(set(_declared_rewards()) - set(_REGISTRY))
+    if declared:
+        listing += f"; declared by installed packages: {', '.join(declared)}"
     return listing
 
 

@@ -15,6 +15,7 @@ from align_gen.policies import build_policy
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 from reward_models import get_reward
+from reward_models.errors import RewardError
 from tests.test_train import FAST, TINY_CONFIG, run
 
 
@@ -117,3 +118,29 @@ def test_an_evaluation_of_a_weighted_sum_logs_each_term(tmp_path: Path, prompt_f
     compressibility, size = row["reward/jpeg_compressibility_mean"], row["reward/jpeg_incompressibility_mean"]
     assert compressibility == pytest.approx(-size)  # minus kB and kB of the same images
     assert row["reward_mean"] == pytest.approx(compressibility + 0.5 * size, abs=1e-5)
+
+
+def test_evaluation_rewards_score_the_same_samples_and_join_the_run_report(tmp_path: Path, prompt_file: Path) -> None:
+    """evaluation.rewards: jpeg_incompressibility scores the samples that jpeg_compressibility
+    (the trained reward) scores, so their per-sample scores are exact negatives; the --run report
+    gets its held-out table and the gold-against-proxy panel."""
+    from align_gen.report import training_run_blocks
+
+    result = run(
+        tmp_path / "run",
+        "epochs=2",
+        f"evaluation.prompts={prompt_file}",
+        "evaluation.seeds=[7, 8]",
+        "evaluation.every=1",
+        "evaluation.rewards={jpeg_incompressibility: {}}",
+    )
+    rows = read_metrics(result.evaluation)
+    assert [row["epochs_done"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        assert row["jpeg_incompressibility_scores"] == pytest.approx([-s for s in row["scores"]], abs=1e-5)
+        assert row["jpeg_incompressibility_mean"] == pytest.approx(-row["reward_mean"], abs=1e-5)
+    blocks = training_run_blocks(tmp_path / "run", tmp_path)
+    headings = [block.text for block in blocks if type(block).__name__ == "Heading"]
+    assert "Held-out evaluation: jpeg_incompressibility (evaluation.rewards)" in headings
+    with pytest.raises(RewardError, match="unknown reward .no_such_reward"):
+        run(tmp_path / "bad", f"evaluation.prompts={prompt_file}", "evaluation.rewards={no_such_reward: {}}")

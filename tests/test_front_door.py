@@ -360,7 +360,7 @@ def test_training_figure_leaves_out_single_points(tmp_path: Path) -> None:
     monitors = {"monitor/a": {0: 1.0, 1: 2.0, 2: 1.5}, "monitor/once": {3: 0.5}, "monitor/nan": {0: float("nan"), 1: 1.0}}
     curve = [{"epochs_done": 0, "mean": 1.0, "ci_low": 0.5, "ci_high": 1.5},
              {"epochs_done": 3, "mean": 2.0, "ci_low": 1.5, "ci_high": 2.5}]
-    figure, skipped = training_figure(monitors, curve)
+    figure, skipped = training_figure(monitors, {"reward": curve})
     assert skipped == ["monitor/once", "monitor/nan"]
     titles = [axis.get_title() for axis in figure.axes if axis.get_visible()]
     assert titles == ["held-out reward", "monitor/a"]
@@ -369,7 +369,20 @@ def test_training_figure_leaves_out_single_points(tmp_path: Path) -> None:
         if axis.get_visible():
             assert axis.get_xlabel() == "epochs of updates done"
             assert all(float(t).is_integer() for t in axis.get_xticks())
-    assert training_figure({"monitor/once": {1: 0.5}}, curve[:1]) == (None, ["held-out reward", "monitor/once"])
+    assert training_figure({"monitor/once": {1: 0.5}}, {"reward": curve[:1]}) == (None, ["held-out reward", "monitor/once"])
+
+
+def test_a_gold_reward_gets_its_own_panel_and_one_against_the_trained_reward() -> None:
+    """evaluation.rewards' curves: a panel over epochs, and the gold-against-proxy panel whose
+    points are (the training reward's held-out mean, the gold mean) at each evaluation."""
+    proxy = [{"epochs_done": e, "mean": m, "ci_low": None, "ci_high": None} for e, m in ((0, 0.5), (4, 0.7), (8, 0.9))]
+    gold = [{"epochs_done": e, "mean": m, "ci_low": m - 0.1, "ci_high": m + 0.1} for e, m in ((0, 0.3), (4, 0.4), (8, 0.2))]
+    figure, skipped = training_figure({}, {"reward": proxy, "world_geneval": gold})
+    panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
+    assert list(panels) == ["held-out reward", "held-out world_geneval", "world_geneval against the training reward"]
+    line = panels["world_geneval against the training reward"].get_lines()[0]
+    assert list(line.get_xdata()) == [0.5, 0.7, 0.9] and list(line.get_ydata()) == [0.3, 0.4, 0.2]
+    assert skipped == []
 
 
 def test_a_run_of_single_points_gets_no_figure(tmp_path: Path) -> None:
