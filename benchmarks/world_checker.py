@@ -19,8 +19,8 @@ and generated samples against a person's visual inspection.
    the script reports both agreements.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_checker.py \\
-        --sheets benchmarks/results/world_checker_sheets \\
-        --inspection benchmarks/results/world_checker_inspection.json \\
+        --sheets benchmarks/results/world_checker \\
+        --inspection benchmarks/results/world_checker/inspection.json \\
         --json benchmarks/results/world_checker.json
 """
 
@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", default="heldout", choices=["heldout", "train"], help="captions of the generated samples")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--model", default="align-gen:world")
+    parser.add_argument("--device", default="cpu", help="where the generated samples are drawn")
     parser.add_argument("--sheets", type=Path, default=None, help="folder for the contact sheets and readings.json")
     parser.add_argument("--inspection", type=Path, default=None, help="a person's verdicts on the sheets (JSON)")
     parser.add_argument("--json", type=Path, default=None)
@@ -123,7 +124,7 @@ def generated_readings(args: argparse.Namespace) -> tuple[torch.Tensor, list[dic
 
     captions = balanced_captions(args.split, -(-args.generated // len(args.seeds)))
     policy = load_policy(resolve_model(args.model, None), SampleConfig(num_steps=args.steps, guidance_scale=3.0, eta=1.0),
-                         device="cpu")
+                         device=args.device)
     images, readings = [], []
     with torch.no_grad():
         for seed in args.seeds:

@@ -144,6 +144,8 @@ TINY_RUNS = [
                     "--prompts", "builtin:shapes"], "window"),
     ("reward_vs_time", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
     ("world_alignment", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
+    ("world_checker", ["--scenes", "4", "--blur", "1", "--noise", "--generated", "2", "--seeds", "0"],
+     "heldout blur 1 noise 0"),
 ]
 
 
