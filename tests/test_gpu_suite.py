@@ -132,6 +132,19 @@ def fake_training_runs(out: Path) -> None:
         (out / method / "evaluation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scores))
 
 
+def fake_hacking_runs(out: Path) -> None:
+    """What world_hacking.py --reuse reads: two finished runs (beta 0.0001 and 1) whose held-out
+    proxy rises while the gold reward falls (beta 0.0001) or rises (beta 1)."""
+    for beta, gold in (("0.0001", [0.5, 0.25]), ("1", [0.5, 0.75])):
+        folder = out / f"beta_{beta}"
+        folder.mkdir(parents=True)
+        metrics = [{"epoch": e, "reward_mean": 0.0, "monitor/kl_to_base": 0.1 * e} for e in range(3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+        rows = [{"epochs_done": e, "reward_mean": 0.1 * e, "scores": [0.1 * e, 0.1 * e + 0.2],
+                 "world_geneval_mean": g, "world_geneval_scores": [g, g]} for e, g in zip((0, 2), gold, strict=True)]
+        (folder / "evaluation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 # The benchmarks the tiny suite tests above do not run (sampling_overhead, ddpo_update and
 # vlm_sampling are), at tiny size: (script, arguments, a row it must have).
 TINY_RUNS = [
@@ -144,6 +157,7 @@ TINY_RUNS = [
                     "--prompts", "builtin:shapes"], "window"),
     ("reward_vs_time", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
     ("world_alignment", ["--methods", "ddpo", "rebel", "--reuse"], "rebel"),
+    ("world_hacking", ["--betas", "0.0001", "1", "--reuse"], "beta_1"),
     ("world_checker", ["--scenes", "4", "--blur", "1", "--noise", "--generated", "2", "--seeds", "0"],
      "heldout blur 1 noise 0"),
 ]
@@ -159,8 +173,8 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     suite's summary with no code of its own there."""
     out = tmp_path / "result.json"
     argv = [*argv, "--json", str(out)]
-    if module in ("reward_vs_time", "world_alignment"):
-        fake_training_runs(tmp_path / "runs")
+    if module in ("reward_vs_time", "world_alignment", "world_hacking"):
+        (fake_hacking_runs if module == "world_hacking" else fake_training_runs)(tmp_path / "runs")
         argv += ["--output-dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "plot.png")]
     else:
         argv += ["--device", "cpu"]
@@ -184,6 +198,11 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     if module == "reward_vs_time":
         assert result.extra["target"] == 0.25 and len(result.extra["curves"]["rebel"]) == 3
         assert result.comparison("rebel / ddpo seconds to target").value == pytest.approx(7 / 4)
+    if module == "world_hacking":  # the paired changes of the fake runs, by hand
+        low, high = result.row("beta_0.0001"), result.row("beta_1")
+        assert low["gold_change"] == pytest.approx(-0.25) and high["gold_change"] == pytest.approx(0.25)
+        assert low["proxy_change"] == pytest.approx(0.2) and low["kl_last"] == pytest.approx(0.2)
+        assert (tmp_path / "plot.png").is_file()
     if module == "world_alignment":  # the race to DDPO's final held-out reward, 0.2: 3 s per epoch
         race = {entry["name"]: entry for entry in result.extra["race"]}
         assert race["ddpo"]["seconds_to_target"] == pytest.approx(1.5)  # 0.1 at 0 s, 0.3 at 3 s
