@@ -389,6 +389,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(set(visual.values())) > 1:
         raise AlignGenError("--compare: a text-to-image model and a vision-language model answer different prompts.")
     prompts = select_prompts(load_prompts(args.prompts, visual=visual["A"]), args.num_prompts)
+    _check_prompts_for(request, prompts)
     shown = select_prompts(range(len(prompts)), args.grid_prompts) if args.grid_prompts > 0 else []
     rewards = _evaluation_rewards(request)
     settings = {
@@ -509,14 +510,17 @@ def _make_pairs(args: argparse.Namespace) -> int:
     _check_sampling_args(args)
     if args.num_prompts < 0:
         raise AlignGenError(f"--num-prompts must be >= 0, got {args.num_prompts}.")
-    judges = _evaluation_rewards(_reward_request(args))
-    if len(judges) != 1:
-        raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(judges)}.")
+    request = _reward_request(args)
+    names = [*request[0], *(["weighted"] if request[1] else [])]
+    if len(names) != 1:
+        raise AlignGenError(f"make-pairs takes one judge: one --reward or one --reward-weights sum; got {', '.join(names)}.")
+    prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
+    _check_prompts_for(request, prompts)
+    judges = _evaluation_rewards(request)
     _check_output(args.out, "--out", is_folder=True)
     source = resolve_model(args.model, args.lora)
     if source.takes_images:
         raise AlignGenError("make-pairs draws images: give a text-to-image model, not a vision-language model.")
-    prompts = select_prompts(load_prompts(args.prompts), args.num_prompts)
     _say(f"loading {model_label(args.model, args.lora)} ...")
     policy = _load_policy(args, source)
     _say(f"sampling {len(prompts)} prompts x {args.candidates} candidates ({args.steps} steps each) ...")
@@ -580,6 +584,14 @@ def _reward_request(args: argparse.Namespace) -> tuple[list[str], dict[str, floa
     if weights:
         check_reward_config(weights, {name: options[name] for name in weights if name in options})
     return list(args.reward), weights, resolve_folders_in(options)  # align-gen:world-clip and the other shipped folders
+
+
+def _check_prompts_for(request: tuple[list[str], dict[str, float], dict], prompts: list) -> None:
+    """The requested rewards' own checks of the prompts, before any model loads."""
+    from reward_models import check_reward_prompts
+
+    names, weights, options = request
+    check_reward_prompts([*names, *weights], options, prompts)
 
 
 def _evaluation_rewards(request: tuple[list[str], dict[str, float], dict]) -> dict:

@@ -51,7 +51,7 @@ from align_gen.tracking import (
 )
 from align_gen.types import Rollout, VisualPrompt
 from pipelines.grid import sample_grid, side_by_side
-from reward_models import build_reward, check_reward_config, get_reward
+from reward_models import build_reward, check_reward_config, check_reward_prompts, get_reward
 
 EXTRA_PREFIX = "evaluation.rewards:"  # the score keys of evaluation.rewards while they are gathered
 
@@ -168,6 +168,10 @@ def build_run(config: RunConfig, accelerator: Accelerator) -> TrainingRun:
     prompts = load_prompts(config.prompts.source, visual=takes_images, instruction=config.prompts.instruction)
     grid_prompts = _grid_prompts(config, prompts, takes_images)
     evaluation_prompts = _evaluation_prompts(config, takes_images)
+    check_reward_prompts(config.reward.weights, config.reward.options, prompts)  # before any model loads
+    if evaluation_prompts is not None:
+        check_reward_prompts([*config.reward.weights, *config.evaluation.rewards],
+                             {**config.reward.options, **config.evaluation.rewards}, evaluation_prompts)
     accelerator.print(f"loading {config.model.pretrained} ...")
     policy = build_policy(config.model, config.sample, accelerator.device)
     reward_fn = build_reward(config.reward.weights, resolve_folders_in(config.reward.options))

@@ -261,6 +261,16 @@ class GenEval(BatchedReward):
         self.colour_encoder = ClipScore(**{"device": device, **(clip or {})}).encoder
         self.colour_classifiers: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def check_prompts(cls, prompts: list, metadata: str | None = None, **options: Any) -> None:
+        """A ``RewardError`` naming the first prompt with no metadata record that is not in the
+        generated prompts' templates either (over COCO's classes), before the detector loads."""
+        known = {spec.prompt for spec in read_geneval_metadata(metadata)} if metadata else set()
+        for prompt in prompts:
+            if str(prompt) not in known and parse_prompt(str(prompt)) is None:
+                raise RewardError(f"geneval: no metadata for {str(prompt)!r}, and it is not in the generated prompts' "
+                                  "templates; give metadata=<GenEval's evaluation_metadata.jsonl>")
+
     def check_labels(self, spec: PromptSpec) -> None:
         unknown = sorted({c.label for c in (*spec.include, *spec.exclude)} - set(self.labels) - set(CLASS_ALIASES))
         if unknown:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -376,6 +376,21 @@ def check_reward_config(weights: dict[str, float], options: dict[str, dict[str, 
         target = _resolve(key)
         if options.get(key) or not _is_plain_reward_function(target):
             _check_options(target, options.get(key, {}), key)
+
+
+def check_reward_prompts(names: Iterable[str], options: dict[str, dict[str, Any]] | None, prompts: Sequence[Prompt]) -> None:
+    """Each named reward's own check that it can score ``prompts`` (a reward class's optional
+    classmethod ``check_prompts(prompts, **options)``, e.g. a reward that reads only some
+    prompt language), before any weights load.
+
+    Raises:
+        RewardError: a prompt the reward cannot score, named.
+    """
+    options = dict(options or {})
+    for name in names:
+        check = getattr(_resolve(name), "check_prompts", None)
+        if check is not None:
+            check(list(prompts), **options.get(name, {}))
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:

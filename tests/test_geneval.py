@@ -127,3 +127,11 @@ def test_the_training_prompt_list_is_the_generator_s_and_never_an_evaluation_pro
     assert train == training_prompts() and len(train) == len(set(train))
     assert not set(train) & {spec.prompt for spec in generate_prompts(seed=0)}
     assert all(parse_prompt(prompt) is not None for prompt in train)
+
+
+def test_prompts_outside_the_templates_and_the_metadata_are_refused_before_the_detector_loads() -> None:
+    from reward_models import check_reward_prompts
+
+    check_reward_prompts(["geneval"], {}, ["a photo of a cup", "a photo of three hot dogs"])
+    with pytest.raises(RewardError, match="no metadata for 'a cup on a table'"):
+        check_reward_prompts(["geneval"], {"geneval": {"detector": "/nowhere"}}, ["a photo of a cup", "a cup on a table"])

@@ -192,3 +192,26 @@ def test_bad_benchmark_arguments(capsys: pytest.CaptureFixture[str], argv: list[
     assert main(["evaluate", "align-gen:world", *argv]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_a_prompt_the_reward_cannot_judge_stops_training_and_evaluation_before_any_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    from align_gen.config import load_config
+    from align_gen.train import train
+    from reward_models import check_reward_prompts
+
+    with pytest.raises(RewardError, match="'a photo of a cat' is not a caption of the world"):
+        check_reward_prompts(["world_geneval"], {}, ["a large red circle", "a photo of a cat"])
+    with pytest.raises(RewardError, match="does not serve the task 'counting'"):
+        check_reward_prompts(["world_geneval"], {"world_geneval": {"task": "counting"}}, ["a large red circle"])
+    config = load_config(Path("configs/tiny/awm_world_preference.yaml"), [
+        f"output_dir={tmp_path / 'run'}", "reward.weights={world_geneval: 1.0}", "reward.options={}",
+        "prompts.source=builtin:shapes", "evaluation.prompts=null"])
+    with pytest.raises(RewardError, match="is not a caption of the world"):
+        train(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    code = main(["evaluate", "align-gen:world", "--prompts", "builtin:shapes", "--reward", "world_geneval",
+                 "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a caption of the world" in err

@@ -162,15 +162,27 @@ class WorldGenEval(BatchedReward):
             raise RewardConfigError(f"world_geneval: unknown task {task!r}; valid: exact, {', '.join(TASKS)}")
         self.task, self.mode = task, mode
 
-    def spec(self, caption: str) -> PromptSpec:
-        """What this reward judges of ``caption``."""
-        if self.task == "exact":
+    @classmethod
+    def check_prompts(cls, prompts: list, task: str = "exact", **options) -> None:
+        """A ``RewardError`` naming the first prompt this reward cannot judge (before any
+        sampling: see :func:`reward_models.check_reward_prompts`)."""
+        for prompt in prompts:
+            cls.spec_of(str(prompt), task)
+
+    @staticmethod
+    def spec_of(caption: str, task: str) -> PromptSpec:
+        """What the reward with ``task`` judges of ``caption``."""
+        if task == "exact":
             return exact_spec(caption)
         specs = {spec.tag: spec for spec in task_specs(caption)}
-        if self.task not in specs:
-            raise RewardError(f"world_geneval: {caption!r} does not serve the task {self.task!r} (it serves "
+        if task not in specs:
+            raise RewardError(f"world_geneval: {caption!r} does not serve the task {task!r} (it serves "
                               f"{', '.join(specs)})")
-        return specs[self.task]
+        return specs[task]
+
+    def spec(self, caption: str) -> PromptSpec:
+        """What this reward judges of ``caption``."""
+        return self.spec_of(caption, self.task)
 
     def score_chunk(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
         scores = []
