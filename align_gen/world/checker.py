@@ -3,37 +3,43 @@
 A world image is a light, nearly grey background with flat shapes in six saturated colours, so
 what it shows can be measured directly (the rules below, in this order):
 
-1. **Foreground.** A pixel is part of a shape when its chroma, max(R, G, B) - min(R, G, B) on
-   0-255, is at least ``CHROMA_MIN`` (48). Backgrounds have chroma 16 at most (their channels
-   are within 16 of each other); every palette colour has 175 or more.
-2. **Colour** by hue alone: each foreground pixel takes the palette colour of nearest hue
-   (red 0, orange 31, yellow 52, green 129, blue 227, purple 283 degrees). Hue, unlike RGB
-   distance, survives blending with a grey background: a blurred red edge is a paler red, where
-   the nearest colour in RGB would be orange.
-3. **Shapes** are the 8-connected components of each colour (split by rule 4); those under
-   ``MIN_AREA`` of the image (about 10 pixels at 32 px; the smallest world shape has about 36)
-   are noise.
-4. **Outline.** A shape's geometry is read from its core: the pixels of its component whose
-   chroma is at least half of the component's 90th-percentile chroma (a blurred edge falls off
-   there, as an anti-aliased edge does at half intensity), split again into 8-connected parts
-   (two shapes of one colour whose blurred edges touch meet in a valley of low chroma); parts
-   under ``MIN_AREA`` are dropped. The box is the core's bounding box.
-5. **Kind** from two numbers of the core: its vertical centroid within the box
-   (``centre_height``: (mean row - top) / height, 0.5 for a symmetric shape, 2/3 for the world's
-   upward triangle) and its fill of the box (``fill``: 1 for a square, pi/4 = 0.785 for a
-   circle, 1/2 for a triangle). A triangle when ``centre_height`` >= ``TRIANGLE_CENTRE`` (0.583,
-   halfway between 1/2 and 2/3) or ``fill`` < ``TRIANGLE_FILL`` (0.64, halfway between 1/2 and
-   pi/4); else a square when ``fill`` >= ``SQUARE_FILL`` (0.89, halfway between pi/4 and 1);
-   else a circle.
+1. **Foreground by ink.** A pixel belongs to a shape when its ink, 255 - min(R, G, B), is at
+   least ``INK_MIN`` (100): backgrounds have every channel >= 215 (ink <= 40), every palette
+   colour has ink >= 215. Ink, unlike chroma, stays high where a generated shape blends two hues
+   (purple into green passes through grey), so two-tone shapes stay whole.
+2. **Blobs** are the 8-connected components of the foreground.
+3. **Cores and splits.** A blob's core is its pixels of at least half its 90th-percentile ink (a
+   blurred edge falls off there, as an anti-aliased edge does at half intensity). The core is
+   split into shapes (a) at valleys: its own 8-connected parts (two shapes whose blurred edges
+   touch meet in a valley of low ink); (b) at necks: a part that, eroded up to ``NECK_DEPTH``
+   times, falls into pieces of at least ``SEED_AREA`` pixels is those pieces, each pixel going
+   to the nearest; (c) across elongated parts: a world shape's box is square, so a part whose
+   box is more than ``ELONGATED`` times longer than wide is cut at its narrowest cross-section in
+   the middle half of its long axis (``SPLIT_DEPTH`` times at most). Parts under ``MIN_AREA`` of
+   the image (about 10 pixels at 32 px; the smallest world shape has about 36) are noise.
+4. **Colour** by hue, voted: each chromatic pixel of a shape (chroma, max - min channel, at least
+   ``CHROMA_MIN`` = 48) takes the palette colour of nearest hue (red 0, orange 31, yellow 52,
+   green 129, blue 227, purple 283 degrees); the shape takes the majority colour, or ``MIXED``
+   when no colour has ``COLOUR_SHARE`` (60%) of the votes. Hue, unlike RGB distance, survives
+   blending with a grey background: a blurred red edge is a paler red, where the nearest colour
+   in RGB would be orange.
+5. **Kind** from the shape's ``taper`` (its pixels in the top third of its box over those in
+   the bottom third: 1 for a circle or a square, 1/5 for the world's upward triangle) and its
+   ``fill`` of the box (1 for a square, pi/4 = 0.785 for a circle): a triangle when the taper is
+   below ``TRIANGLE_TAPER`` (0.6, halfway between 1/5 and 1); else a square when the fill is at
+   least ``SQUARE_FILL`` (0.86: the midpoint of the two shapes' median fills on renders blurred
+   by 1.5 px, where a square's corners round off); else a circle.
 6. **Size**: "large" when the box's longer side is above ``LARGE_EXTENT`` (12.5 / 32 of the
    width, between the world's small shapes, 8-11 px, and large ones, 14-17 px); else "small".
-7. **Position**: the box (for relations, as GenEval reads a detection's box) and the core's
-   centroid, in [0, 1] image coordinates (x right, y down).
+7. **Position**: the box (for relations, as GenEval reads a detection's box) and the centroid,
+   in [0, 1] image coordinates (x right, y down).
 
-The thresholds are written from the renderer's geometry, not fitted to samples: on rendered
-scenes the checker is exact (``docs/world_geneval.md`` gives the accuracy per attribute, on
-rendered and on generated images).
+The thresholds come from the renderer's geometry, not from generated samples. On rendered
+scenes, clean or blurred, the checker is exact; ``benchmarks/world_checker.py`` measures it on
+rendered scenes and writes contact sheets of generated samples for a person to check
+(``docs/world_geneval.md`` has both results).
 """
+
 
 from __future__ import annotations
 
