@@ -71,8 +71,9 @@ LARGE_EXTENT = (SIZE_EXTENTS["small"][1] + SIZE_EXTENTS["large"][0]) / 2
 class FoundShape:
     """One shape read from an image. ``box``: (x0, y0, x1, y1), the core's pixel edges as
     fractions of the image width and height; ``x``, ``y``: the core's centroid; ``area``: the
-    core's pixels as a fraction of the image; ``fill`` and ``taper``: the kind's
-    evidence (module docstring, rule 5)."""
+    core's pixels as a fraction of the image; ``fill`` and ``taper``: the kind's evidence
+    (module docstring, rule 5); ``colour``: a palette colour or ``MIXED``, with
+    ``colour_share`` the majority colour's share of the votes (rule 4)."""
 
     kind: str
     colour: str
