@@ -43,6 +43,7 @@ How its numbers may differ from GenEval's official ones, and why:
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,13 @@ def training_prompts(seed: int = 1, per_task: int = 500, evaluation_seed: int = 
     return list(dict.fromkeys(spec.prompt for spec in generate_prompts(seed, per_task) if spec.prompt not in held_out))
 
 
-def parse_prompt(prompt: str, classes: tuple[str, ...] = COCO_CLASSES) -> PromptSpec | None:
-    """The spec of a prompt written in :func:`generate_prompts`' templates, or None."""
+@functools.lru_cache(maxsize=8)
+def _templates(classes: tuple[str, ...]) -> tuple[list[tuple[str, re.Pattern]], dict[str, str]]:
+    """The generated prompts' templates as compiled patterns over ``classes``, most specific
+    first, and each class's plural -> the class (built once per class list)."""
     label = "|".join(sorted((re.escape(c) for c in classes), key=len, reverse=True))
     colour = "|".join(COLOURS)
     article = r"an? "
-    text = prompt.strip().lower()
     patterns = [
         ("color_attr", rf"a photo of {article}(?P<ca>{colour}) (?P<a>{label}) and {article}(?P<cb>{colour}) (?P<b>{label})"),
         ("position", rf"a photo of {article}(?P<a>{label}) (?P<rel>{'|'.join(RELATIONS)}) {article}(?P<b>{label})"),
@@ -160,13 +162,20 @@ def parse_prompt(prompt: str, classes: tuple[str, ...] = COCO_CLASSES) -> Prompt
         ("colors", rf"a photo of {article}(?P<ca>{colour}) (?P<a>{label})"),
         ("single_object", rf"a photo of {article}(?P<a>{label})"),
     ]
+    return [(tag, re.compile(pattern)) for tag, pattern in patterns], {_plural(c): c for c in classes}
+
+
+def parse_prompt(prompt: str, classes: tuple[str, ...] = COCO_CLASSES) -> PromptSpec | None:
+    """The spec of a prompt written in :func:`generate_prompts`' templates, or None."""
+    patterns, singulars = _templates(tuple(classes))
+    text = prompt.strip().lower()
     for tag, pattern in patterns:
-        match = re.fullmatch(pattern, text)
+        match = pattern.fullmatch(text)
         if match is None:
             continue
         found = match.groupdict()
         if tag == "counting":
-            singular = {_plural(c): c for c in classes}.get(found["a"])
+            singular = singulars.get(found["a"])
             if singular is None:
                 continue
             count = NUMBERS.index(found["n"])
@@ -185,6 +194,11 @@ def parse_prompt(prompt: str, classes: tuple[str, ...] = COCO_CLASSES) -> Prompt
 
 # ------------------------------------------------------------------------------------------
 # the reward
+
+
+def _unreadable(prompt: str) -> RewardError:
+    return RewardError(f"geneval: no metadata for {prompt!r}, and it is not in the generated prompts' templates; "
+                       "give metadata=<GenEval's evaluation_metadata.jsonl>")
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -268,8 +282,7 @@ class GenEval(BatchedReward):
         known = {spec.prompt for spec in read_geneval_metadata(metadata)} if metadata else set()
         for prompt in prompts:
             if str(prompt) not in known and parse_prompt(str(prompt)) is None:
-                raise RewardError(f"geneval: no metadata for {str(prompt)!r}, and it is not in the generated prompts' "
-                                  "templates; give metadata=<GenEval's evaluation_metadata.jsonl>")
+                raise _unreadable(str(prompt))
 
     def check_labels(self, spec: PromptSpec) -> None:
         unknown = sorted({c.label for c in (*spec.include, *spec.exclude)} - set(self.labels) - set(CLASS_ALIASES))
@@ -282,8 +295,7 @@ class GenEval(BatchedReward):
         text = str(prompt)
         spec = self.specs.get(text) or parse_prompt(text, tuple(self.labels))
         if spec is None:
-            raise RewardError(f"{self.name}: no metadata for {text!r}, and it is not in the generated prompts' "
-                              "templates; give metadata=<GenEval's evaluation_metadata.jsonl>")
+            raise _unreadable(text)
         alias = CLASS_ALIASES.get
         return PromptSpec(spec.tag, spec.prompt,
                           tuple(Include(alias(c.label, c.label), c.count, c.colour, c.size, c.position) for c in spec.include),
