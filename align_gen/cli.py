@@ -369,7 +369,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from align_gen.report import (
         EvaluatedModel,
         build_summary,
-        model_label,
         summary_table,
         write_outputs,
     )
@@ -402,11 +401,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "run": None if run_dir is None else str(run_dir),
     }
     models: list[EvaluatedModel] = []
-    for (role, source), (name, lora) in zip(
-        sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
-    ):
-        _say(f"loading {role}: {model_label(name, lora)} ...")
-        policy = _load_policy(args, source)
+    for role, name, lora, policy in _one_model_at_a_time(args, sources, model):
         _say(f"sampling {role}: {len(prompts)} prompts x {len(args.seeds)} seeds ({args.steps} steps each) ...")
         samples = sample_and_score(policy, rewards, prompts, args.seeds, args.batch_size, keep_prompts=shown,
                                    keep_seeds=min(len(args.seeds), 4), desc=f"evaluating {role}")
@@ -427,6 +422,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _one_model_at_a_time(args: argparse.Namespace, sources: dict, model: str):
+    """(role, name, LoRA, policy) of model A, then of B (--compare) when there is one, each
+    loaded when asked for: a caller that drops its policy has one model in memory at a time."""
+    from align_gen.report import model_label
+
+    for (role, source), (name, lora) in zip(
+        sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
+    ):
+        _say(f"loading {role}: {model_label(name, lora)} ...")
+        yield role, name, lora, _load_policy(args, source)
 
 
 def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | None) -> int:
@@ -480,17 +487,13 @@ def _evaluate_benchmark(args: argparse.Namespace, model: str, run_dir: Path | No
         "sampling": {key: getattr(args, key) for key in ("steps", "guidance_scale", "eta", "dtype")},
     }
     models = []
-    for (role, source), (name, lora) in zip(
-        sources.items(), ((model, args.lora), (args.compare, args.compare_lora)), strict=False
-    ):
-        _say(f"loading {role}: {model_label(name, lora)} ...")
-        policy = _load_policy(args, source)
+    for role, name, lora, policy in _one_model_at_a_time(args, sources, model):
         _say(f"sampling {role}: {benchmark.name} ({split}) x {len(args.seeds)} seeds ({args.steps} steps each) ...")
         results = run_benchmark(policy, benchmark, split, args.seeds, args.batch_size, num_prompts=args.num_prompts,
                                 grid_prompts=args.grid_prompts, metadata=args.metadata,
                                 reward_options=reward_options, desc=f"{role} ")
         models.append((model_label(name, lora), results))
-        del policy
+        del policy  # B loads after A is gone
     summary = write_benchmark_outputs(Path(args.out), benchmark, models, settings, run_dir)
     print(benchmark_table(summary))
     for name in ("summary.json", "scores.jsonl", "report.md", "report.html"):
