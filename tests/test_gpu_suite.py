@@ -160,6 +160,7 @@ TINY_RUNS = [
     ("world_hacking", ["--betas", "0.0001", "1", "--reuse"], "beta_1"),
     ("world_checker", ["--scenes", "4", "--blur", "1", "--noise", "--generated", "2", "--seeds", "0"],
      "heldout blur 1 noise 0"),
+    ("world_relations", ["--captions", "2", "--seeds", "0", "--batch-size", "2"], "align-gen:world"),
 ]
 
 
@@ -210,6 +211,27 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
         cpu_race = {entry["name"]: entry for entry in result.extra["race_cpu"]}  # 2 and 1 CPU s per epoch
         assert cpu_race["ddpo"]["seconds_to_target"] == pytest.approx(1.0)
         assert cpu_race["rebel"]["seconds_to_target"] == pytest.approx(1.0) and cpu_race["rebel"]["ratio_to_reference"] == pytest.approx(1.0)
+
+
+def test_world_relations_reads_the_drawn_relation_against_the_asked_one() -> None:
+    """A rendered "red circle left of a blue square" read against that caption, its mirror
+    ("right of"), the other axis ("above") and a caption whose colours it lacks."""
+    import numpy as np
+    import world_relations
+
+    from align_gen.world.shapes import render, scene_for_caption, to_tensor
+
+    caption = "a red circle left of a blue square"
+    image = to_tensor(render(scene_for_caption(np.random.default_rng(0), caption)))
+    assert world_relations.drawn_outcome(caption, image) == "right"
+    assert world_relations.drawn_outcome("a red circle right of a blue square", image) == "opposite"
+    assert world_relations.drawn_outcome("a red circle above a blue square", image) == "across"
+    assert world_relations.drawn_outcome("a green circle left of a blue square", image) is None
+    assert world_relations.variant_caption(caption, "mirrored") == "a red circle right of a blue square"
+    assert world_relations.variant_caption(caption, "turned") == "a red circle above a blue square"
+    assert world_relations.variant_caption("a red circle left of an orange square", "colours swapped") == (
+        "an orange circle left of a red square")
+    assert world_relations.variant_caption(caption, "kinds swapped") == "a red square left of a blue circle"
 
 
 def test_the_schema_refuses_what_it_cannot_render_and_reads_older_results(tmp_path: Path) -> None:
