@@ -288,6 +288,9 @@ def _train(args: argparse.Namespace) -> int:
                 f"held-out reward (evaluation.prompts, paired samples): before {result.evaluation_before:.4f}, "
                 f"after {result.evaluation_after:.4f} ({change:+.4f} +- {error:.4f} s.e.)"
             )
+        for name, (before, after, change, error) in result.watched.items():
+            print(f"held-out {name} (evaluation.rewards, watched, same samples): before {before:.4f}, after {after:.4f} "
+                  f"({change:+.4f} +- {error:.4f} s.e.)")
         print(f"metrics        {result.metrics}")
         if result.evaluation is not None:
             print(f"evaluation     {result.evaluation}")

@@ -73,6 +73,9 @@ class TrainResult:
     evaluation_before: float | None = None
     evaluation_after: float | None = None
     evaluation_change: tuple[float, float] | None = None  # (mean, standard error) of paired differences
+    # Each reward of ``evaluation.rewards`` (watched, not trained) on the same samples:
+    # name -> (before, after, change, standard error), as the three fields above.
+    watched: dict[str, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
 
 
 def epoch_generator(seed: int, epoch: int, process: int) -> torch.Generator:
@@ -618,6 +621,11 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path],
     evaluation_path = output_dir / EVALUATION_FILE
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     evaluations = read_metrics(evaluation_path) if evaluation_path.exists() else []
+    paired = len(evaluations) > 1 and evaluations[0]["epochs_done"] == 0 and evaluations[0]["n"] > 1
+    first, last = (evaluations[0], evaluations[-1]) if paired else ({}, {})
+    names = [key.removesuffix("_scores") for key in first if key.endswith("_scores") and key in last]
+    watched = {name: (first[f"{name}_mean"], last[f"{name}_mean"],
+                      *paired_change(first[f"{name}_scores"], last[f"{name}_scores"])) for name in names}
     return TrainResult(
         output_dir=output_dir,
         final_model=final_model,
@@ -630,9 +638,6 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path],
         evaluation=evaluation_path if evaluations else None,
         evaluation_before=evaluations[0]["reward_mean"] if evaluations and evaluations[0]["epochs_done"] == 0 else None,
         evaluation_after=evaluations[-1]["reward_mean"] if evaluations else None,
-        evaluation_change=(
-            paired_change(evaluations[0]["scores"], evaluations[-1]["scores"])
-            if len(evaluations) > 1 and evaluations[0]["epochs_done"] == 0 and evaluations[0]["n"] > 1
-            else None
-        ),
+        evaluation_change=paired_change(first["scores"], last["scores"]) if paired else None,
+        watched=watched,
     )

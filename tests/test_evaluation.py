@@ -139,6 +139,10 @@ def test_evaluation_rewards_score_the_same_samples_and_join_the_run_report(tmp_p
     for row in rows:
         assert row["jpeg_incompressibility_scores"] == pytest.approx([-s for s in row["scores"]], abs=1e-5)
         assert row["jpeg_incompressibility_mean"] == pytest.approx(-row["reward_mean"], abs=1e-5)
+    before, after, change, error = result.watched["jpeg_incompressibility"]  # what `align-gen train` prints
+    assert (before, after) == (rows[0]["jpeg_incompressibility_mean"], rows[-1]["jpeg_incompressibility_mean"])
+    assert change == pytest.approx(-result.evaluation_change[0], abs=1e-5)
+    assert error == pytest.approx(result.evaluation_change[1], abs=1e-5)
     blocks = training_run_blocks(tmp_path / "run", tmp_path)
     headings = [block.text for block in blocks if type(block).__name__ == "Heading"]
     assert "Held-out evaluation: jpeg_incompressibility (evaluation.rewards)" in headings

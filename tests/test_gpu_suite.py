@@ -161,6 +161,8 @@ TINY_RUNS = [
     ("world_checker", ["--scenes", "4", "--blur", "1", "--noise", "--generated", "2", "--seeds", "0"],
      "heldout blur 1 noise 0"),
     ("world_relations", ["--captions", "2", "--seeds", "0", "--batch-size", "2"], "align-gen:world"),
+    ("world_supervised", ["--steps", "2", "--batch-size", "2", "--num-prompts", "1", "--seeds", "0",
+                          "--eval-batch-size", "2", "--sample-steps", "2"], "overall"),
 ]
 
 
@@ -174,6 +176,8 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     suite's summary with no code of its own there."""
     out = tmp_path / "result.json"
     argv = [*argv, "--json", str(out)]
+    if module == "world_supervised":
+        argv += ["--out", str(tmp_path / "tuned")]
     if module in ("reward_vs_time", "world_alignment", "world_hacking"):
         (fake_hacking_runs if module == "world_hacking" else fake_training_runs)(tmp_path / "runs")
         argv += ["--output-dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "plot.png")]
@@ -194,6 +198,8 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     section = "\n".join(gpu_suite.entry_section(1, outcome, *gpu_suite.read_result(out)))
     assert "\n".join(result.table.markdown()) in section
     assert all(comparison.describe(bold=True) in section for comparison in result.comparisons)
+    if module == "world_supervised":  # the tuned model is a pipeline folder the benchmark loaded back
+        assert (tmp_path / "tuned" / "model_index.json").is_file() and result.extra["loss_first"] > 0
     if module == "switches":  # a switch the CPU cannot run is reported, not measured
         assert "sdpa_efficient" in result.extra["unavailable"] and "| sdpa_efficient | n/a on this device |" in section
     if module == "reward_vs_time":

@@ -262,15 +262,10 @@ def train_unet(
     scheduler = noise_scheduler()
     vae.eval()
     text_encoder.eval()
-    scaling_factor = vae.config.scaling_factor
     unet.train()
     for step in range(start, config.steps):
-        rng = np.random.default_rng([config.seed, step])
-        images, captions, _ = world.batch(config.batch_size, "train", rng)
-        text = encode_text(text_encoder, tokenizer, drop_captions(captions, config.caption_dropout, rng)).float()
-        with torch.no_grad():
-            latents = _encode_mean(vae, images) * scaling_factor  # (B, 4, 16, 16)
-        loss = denoising_loss(unet, scheduler, latents, text, _torch_generator(rng), config.snr_gamma)
+        loss = world_batch_loss(unet, vae, text_encoder, tokenizer, scheduler, world, config,
+                                np.random.default_rng([config.seed, step]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
@@ -283,6 +278,18 @@ def train_unet(
 
 
 # --- shared training pieces ----------------------------------------------------------------------
+
+def world_batch_loss(unet, vae, text_encoder, tokenizer, scheduler, world: shapes.ShapesWorld, config: UnetTrainConfig,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """The denoising loss of one training batch: ``config.batch_size`` scenes of the world's
+    train split drawn from ``rng`` (which also draws the dropped captions, timesteps and noise),
+    encoded by the frozen ``vae`` and ``text_encoder``."""
+    images, captions, _ = world.batch(config.batch_size, "train", rng)
+    text = encode_text(text_encoder, tokenizer, drop_captions(captions, config.caption_dropout, rng)).float()
+    with torch.no_grad():
+        latents = _encode_mean(vae, images) * vae.config.scaling_factor  # (B, 4, 16, 16)
+    return denoising_loss(unet, scheduler, latents, text, _torch_generator(rng), config.snr_gamma)
+
 
 def _torch_generator(rng: np.random.Generator) -> torch.Generator:
     """A torch generator seeded from ``rng`` (so torch draws follow the step's seed too)."""
