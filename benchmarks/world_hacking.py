@@ -10,7 +10,9 @@ reward's held-out means over training, the KL to the base model (``monitor/kl_to
 the paired change of each with its standard error.
 
 The plot (``--plot``) is Gao et al.'s over-optimisation picture: gold against proxy, one line per
-KL strength, a point per evaluation. Runs go one after the other in this process; ``--reuse``
+KL strength, a point per evaluation; beside it (``*_kl.png``) gold against the square root of the
+KL to the base model, their distance measure (points where the monitor was measured: an
+epoch's KL is measured as it samples, so the evaluation after the last epoch has none). Runs go one after the other in this process; ``--reuse``
 re-reads finished runs in ``--output-dir``.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_hacking.py \\
@@ -62,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
+
+
+def kl_plot_path(plot: Path) -> Path:
+    """Where the gold-against-KL plot goes beside ``--plot``."""
+    return plot.with_name(f"{plot.stem}_kl{plot.suffix}")
 
 
 def run_name(beta: float) -> str:
@@ -133,6 +140,12 @@ def main() -> None:
         save_line_plot(series, args.plot, xlabel="held-out proxy reward (the trained one)",
                        ylabel=f"held-out gold reward ({GOLD}, {args.gold_mode})",
                        title=f"{args.config.name}: gold against proxy, one point per evaluation")
+        distance = {f"beta {name.removeprefix('beta_')}": ([p[3] ** 0.5 for p in curve if p[3] is not None],
+                                                           [p[2] for p in curve if p[3] is not None])
+                    for name, curve in extra["curves"].items()}
+        save_line_plot(distance, kl_plot_path(args.plot), xlabel="sqrt(KL to the base model), nats of the whole chain",
+                       ylabel=f"held-out gold reward ({GOLD}, {args.gold_mode})",
+                       title=f"{args.config.name}: gold against the distance from the base model")
     notes = [f"held-out: {args.eval_prompts} x seeds {args.eval_seeds}; gold = {GOLD} ({args.gold_mode})"]
     for note in notes:
         print(note)

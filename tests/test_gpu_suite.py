@@ -209,7 +209,7 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
         low, high = result.row("beta_0.0001"), result.row("beta_1")
         assert low["gold_change"] == pytest.approx(-0.25) and high["gold_change"] == pytest.approx(0.25)
         assert low["proxy_change"] == pytest.approx(0.2) and low["kl_last"] == pytest.approx(0.2)
-        assert (tmp_path / "plot.png").is_file()
+        assert (tmp_path / "plot.png").is_file() and (tmp_path / "plot_kl.png").is_file()
     if module == "world_alignment":  # the race to DDPO's final held-out reward, 0.2: 3 s per epoch
         race = {entry["name"]: entry for entry in result.extra["race"]}
         assert race["ddpo"]["seconds_to_target"] == pytest.approx(1.5)  # 0.1 at 0 s, 0.3 at 3 s
