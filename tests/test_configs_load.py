@@ -77,13 +77,16 @@ def test_offline_config_trains_one_tiny_epoch(
 ) -> None:
     from align_gen.train import train
 
-    overrides = [*tiny_train_overrides, f"output_dir={tmp_path / 'run'}"]
+    # the held-out evaluation keeps its structure (prompt source, watched rewards) at 2 samples
+    overrides = [*tiny_train_overrides, f"output_dir={tmp_path / 'run'}", "evaluation.num_prompts=2", "evaluation.seeds=[0]"]
     if load_config(path).sample.sde_window.size:  # keep a window, one that fits the 2 steps
         overrides += ["sample.sde_window.size=1", "sample.sde_window.span=2"]
     config = load_config(path, overrides)
     result = train(config)
     assert result.first_reward is not None
     assert (result.final_model / "align_gen_model.json").is_file()
+    if config.evaluation.prompts:  # evaluated before and after, every watched reward reported
+        assert result.evaluation_change is not None and set(result.watched) == set(config.evaluation.rewards)
 
 
 # Hub ids deleted from the hub, and their maintained copies: no shipped file may name the dead one.
