@@ -29,10 +29,9 @@ from tqdm import tqdm
 
 from align_gen.benchmark import get_benchmark, run_benchmark, task_comparison, task_statistics
 from align_gen.builtins import resolve_folder
+from align_gen.policies.common import DENOISER_LORA_TARGETS
 from align_gen.world.diffusion import UnetTrainConfig, noise_scheduler, world_batch_loss
 from align_gen.world.shapes import ShapesWorld
-
-DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +62,7 @@ def fine_tune(args: argparse.Namespace) -> tuple[float, float, float]:
     if args.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
-        unet = get_peft_model(unet, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=DEFAULT_TARGETS))
+        unet = get_peft_model(unet, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=list(DENOISER_LORA_TARGETS)))
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     config = UnetTrainConfig(batch_size=args.batch_size, seed=args.seed)
@@ -90,6 +89,8 @@ def fine_tune(args: argparse.Namespace) -> tuple[float, float, float]:
 
 def main() -> None:
     args = parse_args()
+    if args.out.exists() and any(args.out.iterdir()):  # a tuned model is never overwritten implicitly
+        raise SystemExit(f"--out {args.out} already holds files; give a new folder or remove it yourself.")
     machine = describe_machine(torch.device(args.device))
     print_machine(machine)
     first_loss, last_loss, seconds = fine_tune(args)

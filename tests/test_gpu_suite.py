@@ -200,6 +200,8 @@ def test_every_benchmark_writes_the_shared_schema_and_the_suite_renders_it(
     assert all(comparison.describe(bold=True) in section for comparison in result.comparisons)
     if module == "world_supervised":  # the tuned model is a pipeline folder the benchmark loaded back
         assert (tmp_path / "tuned" / "model_index.json").is_file() and result.extra["loss_first"] > 0
+        with pytest.raises(SystemExit, match="already holds files"):  # a second run refuses to overwrite it
+            run_in_process(module, argv, monkeypatch)
     if module == "switches":  # a switch the CPU cannot run is reported, not measured
         assert "sdpa_efficient" in result.extra["unavailable"] and "| sdpa_efficient | n/a on this device |" in section
     if module == "reward_vs_time":
