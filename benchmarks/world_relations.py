@@ -33,7 +33,7 @@ from harness import BenchmarkResult, Table, describe_machine, print_machine, pub
 
 from align_gen.evaluation import select_prompts
 from align_gen.world.geneval import benchmark_captions, shape_detections
-from align_gen.world.shapes import RELATIONS, caption_composition
+from align_gen.world.shapes import RELATIONS, caption_composition, relation_caption
 from reward_models.geneval_rules import relative_position
 
 MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -76,13 +76,9 @@ def drawn_outcome(caption: str, image: torch.Tensor) -> str | None:
     return "across" if drawn else "none"
 
 
-def outcome_row(model: str, args: argparse.Namespace, captions: list[str]) -> tuple[dict, dict]:
-    """The model's tally (module docstring, item 1) and its counts per asked relation."""
-    from align_gen.config import SampleConfig
-    from align_gen.models import load_policy, resolve_model
-
-    policy = load_policy(resolve_model(model, None), SampleConfig(num_steps=args.steps, guidance_scale=3.0, eta=1.0),
-                         device=args.device)
+def outcome_row(model: str, policy, args: argparse.Namespace, captions: list[str]) -> tuple[dict, dict]:
+    """The tally of ``model`` (loaded as ``policy``; module docstring, item 1) and its counts
+    per asked relation."""
     tally: Counter = Counter()
     by_relation: dict[str, Counter] = {relation: Counter() for relation in RELATIONS}
     with torch.no_grad():
@@ -105,7 +101,7 @@ def outcome_row(model: str, args: argparse.Namespace, captions: list[str]) -> tu
 
 
 def variant_caption(caption: str, change: str) -> str:
-    """``caption`` with one part changed (module docstring, item 2); articles follow the words."""
+    """``caption`` with one part changed (module docstring, item 2), written as the world writes it."""
     colour1, kind1, relation, colour2, kind2 = caption_composition(caption)[1]
     if change == "mirrored":
         relation = MIRROR[relation]
@@ -117,23 +113,13 @@ def variant_caption(caption: str, change: str) -> str:
         kind1, kind2 = kind2, kind1
     else:
         raise ValueError(change)
-
-    def article(word: str) -> str:
-        return "an" if word[0] in "aeiou" else "a"
-
-    return f"{article(colour1)} {colour1} {kind1} {relation} {article(colour2)} {colour2} {kind2}"
+    return relation_caption(colour1, kind1, relation, colour2, kind2)
 
 
-def text_distances(model: str, captions: list[str]) -> list[dict]:
+def text_distances(encoder, tokenizer, captions: list[str]) -> list[dict]:
     """The text encoder's relative distances per change (module docstring, item 2)."""
-    from diffusers import StableDiffusionPipeline
-
-    from align_gen.builtins import resolve_folder
-    from align_gen.models import resolve_model
     from align_gen.world.diffusion import encode_text
 
-    pipeline = StableDiffusionPipeline.from_pretrained(resolve_folder(resolve_model(model, None).model))
-    encoder, tokenizer = pipeline.text_encoder.eval(), pipeline.tokenizer
     base = encode_text(encoder, tokenizer, captions)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -161,16 +147,23 @@ def main() -> None:
     machine = describe_machine(torch.device(args.device))
     print_machine(machine)
     captions = relation_captions(args.split, args.captions)
+    from align_gen.config import SampleConfig
+    from align_gen.models import load_policy, resolve_model
+
     rows, by_relation = [], {}
     for model in args.models:
-        row, by_relation[model] = outcome_row(model, args, captions)
+        policy = load_policy(resolve_model(model, None), SampleConfig(num_steps=args.steps, guidance_scale=3.0, eta=1.0),
+                             device=args.device)
+        if model == args.models[0]:  # the first model's text encoder (a LoRA run trains only the UNet)
+            distances = text_distances(policy.text_encoder, policy.tokenizer, captions)
+        row, by_relation[model] = outcome_row(model, policy, args, captions)
         rows.append(row)
+        del policy  # one model in memory at a time
     table = Table.of(
         ["model", "samples", "both found in colour", "right", "opposite", "across", "none"],
         [[r["name"], r["samples"], f"{100 * r['found'] / r['samples']:.1f}%",
           *(f"{100 * r[k]:.1f}%" for k in OUTCOMES)] for r in rows],
     )
-    distances = text_distances(args.models[0], captions)
     notes = [f"relation captions of the {args.split} split: {len(captions)} x seeds {args.seeds}",
              "right / opposite / across / none: shares of the samples with both named shapes in colour"]
     notes += [f"text encoder, {d['change']} ({d['example']}): relative distance {d['distance_at_changed_tokens']:.3f} at "

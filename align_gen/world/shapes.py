@@ -118,7 +118,7 @@ def single_caption(size: str, colour: str, kind: str) -> str:
     return f"{_article(size)} {size} {colour} {kind}"
 
 
-def _relation_caption(colour1: str, kind1: str, relation: str, colour2: str, kind2: str) -> str:
+def relation_caption(colour1: str, kind1: str, relation: str, colour2: str, kind2: str) -> str:
     return f"{_article(colour1)} {colour1} {kind1} {relation} {_article(colour2)} {colour2} {kind2}"
 
 
@@ -166,7 +166,7 @@ def all_captions(split: str) -> list[str]:
     """Every caption of ``split``, sorted (counts captions are in both splits)."""
     _check_split(split)
     captions = [single_caption(*c) for c in _SINGLES[split]]
-    captions += [_relation_caption(*c) for c in _RELATIONS[split]]
+    captions += [relation_caption(*c) for c in _RELATIONS[split]]
     captions += [_count_caption(*c) for c in _COUNTS]
     return sorted(captions)
 
@@ -245,7 +245,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
 def _relation_scene(rng: np.random.Generator, composition: tuple[str, ...]) -> Scene:
     colour1, kind1, relation, colour2, kind2 = composition
     shapes = _two_shapes(rng, (colour1, kind1), (colour2, kind2), relation, PERPENDICULAR_MAX)
-    return Scene(shapes, _background(rng), _relation_caption(*composition))
+    return Scene(shapes, _background(rng), relation_caption(*composition))
 
 
 def _count_scene(rng: np.random.Generator, composition: tuple[str, ...]) -> Scene:
@@ -277,7 +277,7 @@ def _caption_compositions() -> dict[str, tuple[str, tuple[str, ...]]]:
     table: dict[str, tuple[str, tuple[str, ...]]] = {}
     for split in SPLITS:
         table.update({single_caption(*c): ("single", c) for c in _SINGLES[split]})
-        table.update({_relation_caption(*c): ("relation", c) for c in _RELATIONS[split]})
+        table.update({relation_caption(*c): ("relation", c) for c in _RELATIONS[split]})
     table.update({_count_caption(*c): ("count", c) for c in _COUNTS})
     return table
 
