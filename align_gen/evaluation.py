@@ -258,6 +258,14 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[floa
     return float(difference.mean()), float(difference.std() / len(difference) ** 0.5)
 
 
+def watched_changes(first: dict, last: dict) -> dict[str, tuple[float, float, float, float]]:
+    """Each ``evaluation.rewards`` reward between two evaluation rows of the same samples
+    (``{name}_mean`` / ``{name}_scores``): name -> (before, after, paired change, its s.e.)."""
+    names = [key.removesuffix("_scores") for key in first if key.endswith("_scores") and key in last]
+    return {name: (first[f"{name}_mean"], last[f"{name}_mean"],
+                   *paired_change(first[f"{name}_scores"], last[f"{name}_scores"])) for name in names}
+
+
 def select_prompts(prompts: Sequence, count: int) -> list:
     """``count`` prompts spread evenly over the list (all of them when ``count`` is 0 or larger
     than the list): a fixed, deterministic subset."""

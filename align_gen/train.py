@@ -32,7 +32,7 @@ from align_gen.errors import (
     RewardError,
     TrainingDivergedError,
 )
-from align_gen.evaluation import paired_change, score_samples, select_prompts
+from align_gen.evaluation import paired_change, score_samples, select_prompts, watched_changes
 from align_gen.monitors import Monitors
 from align_gen.objectives import build_objective
 from align_gen.objectives.base import Objective
@@ -623,9 +623,6 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path],
     evaluations = read_metrics(evaluation_path) if evaluation_path.exists() else []
     paired = len(evaluations) > 1 and evaluations[0]["epochs_done"] == 0 and evaluations[0]["n"] > 1
     first, last = (evaluations[0], evaluations[-1]) if paired else ({}, {})
-    names = [key.removesuffix("_scores") for key in first if key.endswith("_scores") and key in last]
-    watched = {name: (first[f"{name}_mean"], last[f"{name}_mean"],
-                      *paired_change(first[f"{name}_scores"], last[f"{name}_scores"])) for name in names}
     return TrainResult(
         output_dir=output_dir,
         final_model=final_model,
@@ -639,5 +636,5 @@ def _result(output_dir: Path, final_model: Path, curve: Path, grids: list[Path],
         evaluation_before=evaluations[0]["reward_mean"] if evaluations and evaluations[0]["epochs_done"] == 0 else None,
         evaluation_after=evaluations[-1]["reward_mean"] if evaluations else None,
         evaluation_change=paired_change(first["scores"], last["scores"]) if paired else None,
-        watched=watched,
+        watched=watched_changes(first, last),
     )

@@ -39,7 +39,7 @@ from harness import (
 )
 
 from align_gen.config import load_config
-from align_gen.evaluation import paired_change
+from align_gen.evaluation import paired_change, watched_changes
 from align_gen.tracking import read_metrics
 from align_gen.train import train
 
@@ -102,7 +102,7 @@ def run_beta(args: argparse.Namespace, beta: float) -> dict:
           if isinstance(row.get("monitor/kl_to_base"), int | float)}
     first, last = evaluations[0], evaluations[-1]
     proxy_change, proxy_se = paired_change(first["scores"], last["scores"])
-    gold_change, gold_se = paired_change(first[f"{GOLD}_scores"], last[f"{GOLD}_scores"])
+    gold_before, gold_after, gold_change, gold_se = watched_changes(first, last)[GOLD]
     return {
         "name": run_name(beta),
         "beta": beta,
@@ -110,8 +110,8 @@ def run_beta(args: argparse.Namespace, beta: float) -> dict:
         "proxy_after": last["reward_mean"],
         "proxy_change": proxy_change,
         "proxy_change_se": proxy_se,
-        "gold_before": first[f"{GOLD}_mean"],
-        "gold_after": last[f"{GOLD}_mean"],
+        "gold_before": gold_before,
+        "gold_after": gold_after,
         "gold_change": gold_change,
         "gold_change_se": gold_se,
         "kl_last": kl[max(kl)] if kl else None,
