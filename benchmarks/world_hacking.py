@@ -12,8 +12,8 @@ the paired change of each with its standard error.
 The plot (``--plot``) is Gao et al.'s over-optimisation picture: gold against proxy, one line per
 KL strength, a point per evaluation; beside it (``*_kl.png``) gold against the square root of the
 KL to the base model, their distance measure (points where the monitor was measured: an
-epoch's KL is measured as it samples, so the evaluation after the last epoch has none). Runs go one after the other in this process; ``--reuse``
-re-reads finished runs in ``--output-dir``.
+epoch's KL is measured as it samples, so the evaluation after the last epoch has none). Runs go
+one after the other in this process; ``--reuse`` re-reads finished runs in ``--output-dir``.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_hacking.py \\
         --betas 1e-4 1e-2 1 --epochs 24 --json benchmarks/results/world_hacking.json \\
